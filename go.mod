@@ -1,0 +1,3 @@
+module addrservice
+
+go 1.24

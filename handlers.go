@@ -1,0 +1,648 @@
+package main
+
+// This file is the HTTP layer: routes, request decoding, status codes,
+// headers and middleware. Business rules live in service.go.
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"mime"
+	"net/http"
+	"net/url"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// handlerConfig is what the HTTP layer needs beyond the service.
+type handlerConfig struct {
+	maxBody int64        // largest request body, before and after gzip decoding
+	ready   *atomic.Bool // false once shutdown has begun
+}
+
+// newHandler returns the whole API with its middleware.
+func newHandler(log *slog.Logger, svc *Service, cfg handlerConfig) http.Handler {
+	mux := http.NewServeMux()
+	addRoutes(mux, log, svc, cfg)
+	return withMiddleware(log, mux)
+}
+
+// addRoutes is the whole API in one table.
+func addRoutes(mux *http.ServeMux, log *slog.Logger, svc *Service, cfg handlerConfig) {
+	mux.Handle("POST /addresses", handle(log, createEntry(svc, cfg.maxBody)))
+	mux.Handle("GET /addresses", handle(log, listEntries(svc)))
+	mux.Handle("POST /addresses/{$}", handle(log, createEntry(svc, cfg.maxBody)))
+	mux.Handle("GET /addresses/{$}", handle(log, listEntries(svc)))
+	mux.Handle("GET /addresses/{id}", handle(log, getEntry(svc)))
+	mux.Handle("PUT /addresses/{id}", handle(log, replaceEntry(svc, cfg.maxBody)))
+	mux.Handle("DELETE /addresses/{id}", handle(log, deleteEntry(svc)))
+	mux.Handle("GET /healthz", handle(log, healthz()))
+	mux.Handle("GET /readyz", handle(log, readyz(cfg.ready)))
+}
+
+// withMiddleware wraps the mux in what every request passes through,
+// listed here from the innermost out.
+func withMiddleware(log *slog.Logger, mux *http.ServeMux) http.Handler {
+	var h http.Handler = mux
+	h = problemsFromMux(h)    // the mux's own 404 and 405 as problems
+	h = recoverPanics(log, h) // inside the log, so a panic is logged as a 500
+	h = logRequests(log, h)
+	h = withRequestID(h) // outermost: everything after it sees the id
+	return h
+}
+
+// ---- the handlers -------------------------------------------------------------
+
+// apiFunc is a handler that returns its failure; handle turns it into a problem.
+type apiFunc func(w http.ResponseWriter, r *http.Request) error
+
+func handle(log *slog.Logger, fn apiFunc) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if err := fn(w, r); err != nil {
+			writeError(w, r, log, err)
+		}
+	})
+}
+
+func createEntry(svc *Service, maxBody int64) apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		e, err := readEntry(w, r, maxBody)
+		if err != nil {
+			return err
+		}
+		id, rec, err := svc.Create(r.Context(), e)
+		if err != nil {
+			return err
+		}
+		h := w.Header()
+		h["Location"] = []string{"/addresses/" + id.String()}
+		h["Etag"] = []string{etag(rec.Version)}
+		writeBody(w, r, http.StatusCreated, jsonType, rec.JSON)
+		return nil
+	}
+}
+
+func getEntry(svc *Service) apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		id, err := pathID(r)
+		if err != nil {
+			return err
+		}
+		rec, err := svc.Get(r.Context(), id)
+		if err != nil {
+			return err
+		}
+		tag := etag(rec.Version)
+		w.Header()["Etag"] = []string{tag}
+		if inm := r.Header.Values("If-None-Match"); inm != nil && noneMatch(inm, rec.Version) {
+			w.Header()["Vary"] = varyEncoding
+			w.WriteHeader(http.StatusNotModified)
+			return nil
+		}
+		writeBody(w, r, http.StatusOK, jsonType, rec.JSON)
+		return nil
+	}
+}
+
+func replaceEntry(svc *Service, maxBody int64) apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		id, err := pathID(r)
+		if err != nil {
+			return err
+		}
+		e, err := readEntry(w, r, maxBody)
+		if err != nil {
+			return err
+		}
+		rec, err := svc.Replace(r.Context(), id, e, ifMatch(r))
+		if err != nil {
+			return err
+		}
+		w.Header()["Etag"] = []string{etag(rec.Version)}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
+}
+
+func deleteEntry(svc *Service) apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		id, err := pathID(r)
+		if err != nil {
+			return err
+		}
+		if err := svc.Delete(r.Context(), id, ifMatch(r)); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
+}
+
+func listEntries(svc *Service) apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		limit, after, err := pageQuery(r)
+		if err != nil {
+			return err
+		}
+		page, err := svc.List(r.Context(), after, limit)
+		if err != nil {
+			return err
+		}
+		buf := getBuffer()
+		defer putBuffer(buf)
+		buf.WriteByte('{')
+		for i, it := range page.Items {
+			if i > 0 {
+				buf.WriteByte(',')
+			}
+			buf.WriteByte('"')
+			buf.WriteString(it.ID.String())
+			buf.WriteString(`":`)
+			buf.Write(it.JSON)
+		}
+		buf.WriteByte('}')
+		if page.More {
+			last := page.Items[len(page.Items)-1].ID
+			w.Header()["Link"] = []string{fmt.Sprintf(`</addresses?limit=%d&after=%s>; rel="next"`, limit, last)}
+		}
+		writeBody(w, r, http.StatusOK, jsonType, buf.Bytes())
+		return nil
+	}
+}
+
+func healthz() apiFunc {
+	body := []byte(`{"status":"ok"}`)
+	return func(w http.ResponseWriter, r *http.Request) error {
+		writeBody(w, r, http.StatusOK, jsonType, body)
+		return nil
+	}
+}
+
+func readyz(ready *atomic.Bool) apiFunc {
+	body := []byte(`{"status":"ready"}`)
+	return func(w http.ResponseWriter, r *http.Request) error {
+		if !ready.Load() {
+			return &httpError{http.StatusServiceUnavailable, "the server is shutting down"}
+		}
+		writeBody(w, r, http.StatusOK, jsonType, body)
+		return nil
+	}
+}
+
+// ---- reading requests -----------------------------------------------------------
+
+// httpError is a failure that belongs to the HTTP layer, with its status.
+type httpError struct {
+	status int
+	detail string
+}
+
+func (e *httpError) Error() string { return e.detail }
+
+// pathID reads the {id} wildcard. A malformed id cannot name an entry, so it
+// is answered like an unknown one, before it reaches the service.
+func pathID(r *http.Request) (ID, error) {
+	id, ok := ParseID(r.PathValue("id"))
+	if !ok {
+		return ID{}, ErrNotFound
+	}
+	return id, nil
+}
+
+func pageQuery(r *http.Request) (limit int, after ID, err error) {
+	q, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return 0, ID{}, &httpError{http.StatusBadRequest, "the query string is malformed"}
+	}
+	limit = DefaultPageSize
+	if vs, ok := q["limit"]; ok {
+		n, err := strconv.Atoi(vs[0])
+		if len(vs) > 1 || err != nil || strings.TrimLeft(vs[0], "0123456789") != "" || n < 1 || n > MaxPageSize {
+			return 0, ID{}, &httpError{http.StatusBadRequest, fmt.Sprintf("limit must be a whole number from 1 to %d", MaxPageSize)}
+		}
+		limit = n
+	}
+	if vs, ok := q["after"]; ok {
+		var valid bool
+		if after, valid = ParseID(vs[0]); len(vs) > 1 || !valid {
+			return 0, ID{}, &httpError{http.StatusBadRequest, "after must be an entry id: 32 lowercase hex characters"}
+		}
+	}
+	return limit, after, nil
+}
+
+// readEntry reads and validates an entry from the request body.
+func readEntry(w http.ResponseWriter, r *http.Request, maxBody int64) (Entry, error) {
+	body, err := readBody(w, r, maxBody)
+	if err != nil {
+		return Entry{}, err
+	}
+	return ParseEntry(body)
+}
+
+// readBody returns the decoded request body, refusing media types other than
+// JSON (415) and bodies over maxBody before or after gzip decoding (413).
+func readBody(w http.ResponseWriter, r *http.Request, maxBody int64) ([]byte, error) {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !isJSONType(ct) {
+		return nil, &httpError{http.StatusUnsupportedMediaType, "the body must be JSON: Content-Type application/json"}
+	}
+	var body io.Reader = http.MaxBytesReader(w, r.Body, maxBody)
+	switch enc := r.Header.Values("Content-Encoding"); {
+	case len(enc) == 0 || len(enc) == 1 && strings.EqualFold(enc[0], "identity"):
+	case len(enc) == 1 && (strings.EqualFold(enc[0], "gzip") || strings.EqualFold(enc[0], "x-gzip")):
+		zr, err := gzip.NewReader(body)
+		if err != nil {
+			return nil, bodyError(err)
+		}
+		defer zr.Close()
+		body = zr
+	default:
+		return nil, &httpError{http.StatusUnsupportedMediaType, "Content-Encoding must be gzip or absent"}
+	}
+	buf := bytes.NewBuffer(make([]byte, 0, min(max(r.ContentLength, 0)+1, maxBody+1, 64<<10)))
+	if _, err := buf.ReadFrom(io.LimitReader(body, maxBody+1)); err != nil {
+		return nil, bodyError(err)
+	}
+	if int64(buf.Len()) > maxBody {
+		return nil, tooLarge(maxBody)
+	}
+	return buf.Bytes(), nil
+}
+
+func bodyError(err error) error {
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		return tooLarge(tooBig.Limit)
+	}
+	if errors.Is(err, gzip.ErrHeader) || errors.Is(err, gzip.ErrChecksum) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return &httpError{http.StatusBadRequest, "the body is not valid gzip"}
+	}
+	return &httpError{http.StatusBadRequest, "the body could not be read"}
+}
+
+func tooLarge(limit int64) error {
+	return &httpError{http.StatusRequestEntityTooLarge, fmt.Sprintf("the body must be at most %d bytes", limit)}
+}
+
+// isJSONType accepts application/json and any */*+json type, in UTF-8.
+func isJSONType(contentType string) bool {
+	mt, params, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		return false
+	}
+	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
+		return false
+	}
+	return mt == "application/json" || strings.HasSuffix(mt, "+json") && strings.Contains(mt, "/")
+}
+
+// ---- preconditions --------------------------------------------------------------
+
+func etag(version string) string { return `"` + version + `"` }
+
+// ifMatch returns the If-Match precondition for the store: nil when absent.
+// If-Match compares strongly, so a weak tag never matches.
+func ifMatch(r *http.Request) []string {
+	values := r.Header.Values("If-Match")
+	if values == nil {
+		return nil
+	}
+	tags := []string{}
+	for _, tag := range entityTags(values) {
+		if tag == "*" || !strings.HasPrefix(tag, "W/") {
+			tags = append(tags, strings.Trim(tag, `"`))
+		}
+	}
+	return tags
+}
+
+// noneMatch reports whether If-None-Match names version (weak comparison).
+func noneMatch(values []string, version string) bool {
+	for _, tag := range entityTags(values) {
+		if tag == "*" || strings.Trim(strings.TrimPrefix(tag, "W/"), `"`) == version {
+			return true
+		}
+	}
+	return false
+}
+
+func entityTags(values []string) []string {
+	var tags []string
+	for _, v := range values {
+		for _, tag := range strings.Split(v, ",") {
+			if tag = strings.TrimSpace(tag); tag != "" {
+				tags = append(tags, tag)
+			}
+		}
+	}
+	return tags
+}
+
+// ---- writing responses ------------------------------------------------------------
+
+// Header values shared by every response that uses them; never modified.
+var (
+	jsonType     = []string{"application/json"}
+	problemType  = []string{"application/problem+json"}
+	varyEncoding = []string{"Accept-Encoding"}
+	gzipEncoding = []string{"gzip"}
+)
+
+// gzipMinSize is the smallest body worth compressing.
+const gzipMinSize = 1024
+
+// writeBody sets the headers and writes a complete body, gzip-encoded when it
+// is large enough and the client accepts it. Every body goes through here,
+// so headers are always set before WriteHeader.
+func writeBody(w http.ResponseWriter, r *http.Request, status int, contentType []string, body []byte) {
+	h := w.Header()
+	h["Content-Type"] = contentType
+	h["Vary"] = varyEncoding
+	if len(body) >= gzipMinSize && acceptsGzip(r.Header.Values("Accept-Encoding")) {
+		buf := getBuffer()
+		defer putBuffer(buf)
+		zw := gzipWriters.Get().(*gzip.Writer)
+		zw.Reset(buf)
+		zw.Write(body)
+		zw.Close()
+		gzipWriters.Put(zw)
+		body = buf.Bytes()
+		h["Content-Encoding"] = gzipEncoding
+	}
+	h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	w.WriteHeader(status)
+	w.Write(body)
+}
+
+// acceptsGzip reads Accept-Encoding: gzip (or *) with a q-value above zero.
+func acceptsGzip(values []string) bool {
+	for _, v := range values {
+		for _, part := range strings.Split(v, ",") {
+			coding, params, _ := strings.Cut(part, ";")
+			coding = strings.TrimSpace(coding)
+			if !strings.EqualFold(coding, "gzip") && coding != "*" {
+				continue
+			}
+			q := strings.TrimSpace(params)
+			if q == "" {
+				return true
+			}
+			if name, value, ok := strings.Cut(q, "="); ok && strings.EqualFold(strings.TrimSpace(name), "q") {
+				f, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+				return err == nil && f > 0
+			}
+			return true
+		}
+	}
+	return false
+}
+
+var (
+	gzipWriters = sync.Pool{New: func() any {
+		zw, _ := gzip.NewWriterLevel(io.Discard, gzip.BestSpeed)
+		return zw
+	}}
+	buffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+)
+
+func getBuffer() *bytes.Buffer { return buffers.Get().(*bytes.Buffer) }
+
+func putBuffer(b *bytes.Buffer) {
+	if b.Cap() > 1<<20 { // let rare huge buffers go
+		return
+	}
+	b.Reset()
+	buffers.Put(b)
+}
+
+// problem is an RFC 9457 problem details body.
+type problem struct {
+	Type      string       `json:"type"`
+	Title     string       `json:"title"`
+	Status    int          `json:"status"`
+	Detail    string       `json:"detail,omitempty"`
+	Instance  string       `json:"instance"`
+	RequestID string       `json:"request_id"`
+	Errors    []FieldError `json:"errors,omitempty"`
+}
+
+func writeProblem(w http.ResponseWriter, r *http.Request, status int, detail string, fields []FieldError) {
+	body, _ := json.Marshal(problem{
+		Type:      "about:blank",
+		Title:     http.StatusText(status),
+		Status:    status,
+		Detail:    detail,
+		Instance:  r.URL.EscapedPath(),
+		RequestID: requestID(r.Context()),
+		Errors:    fields,
+	})
+	writeBody(w, r, status, problemType, body)
+}
+
+// writeError is the one place that maps errors to statuses. Anything it does
+// not recognise is a 500 whose cause goes to the log, never to the client.
+func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
+	var invalid *InvalidError
+	var httpErr *httpError
+	switch {
+	case errors.As(err, &invalid):
+		writeProblem(w, r, http.StatusBadRequest, invalid.Detail, invalid.Fields)
+	case errors.As(err, &httpErr):
+		writeProblem(w, r, httpErr.status, httpErr.detail, nil)
+	case errors.Is(err, ErrNotFound):
+		writeProblem(w, r, http.StatusNotFound, err.Error(), nil)
+	case errors.Is(err, ErrPreconditionFailed):
+		writeProblem(w, r, http.StatusPreconditionFailed, err.Error(), nil)
+	default:
+		log.ErrorContext(r.Context(), "request failed", "err", err)
+		writeProblem(w, r, http.StatusInternalServerError, "the server could not complete the request", nil)
+	}
+}
+
+// ---- middleware ---------------------------------------------------------------
+
+type requestIDKey struct{}
+
+// requestID returns the id of the request that ctx belongs to, or "".
+func requestID(ctx context.Context) string {
+	id, _ := ctx.Value(requestIDKey{}).(string)
+	return id
+}
+
+// withRequestID keeps a well-formed X-Request-ID or makes a new one, echoes
+// it, and puts it in the request's context for the handlers and the logs.
+func withRequestID(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.Header.Get("X-Request-Id")
+		if !validRequestID(id) {
+			id = newRequestID()
+		}
+		w.Header()["X-Request-Id"] = []string{id}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestIDKey{}, id)))
+	})
+}
+
+func validRequestID(id string) bool {
+	if len(id) < 1 || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+func newRequestID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// requestIDHandler adds the request id to every record logged with a
+// request's context, so the service layer's own logs carry it too.
+type requestIDHandler struct{ slog.Handler }
+
+func (h requestIDHandler) Handle(ctx context.Context, r slog.Record) error {
+	if id := requestID(ctx); id != "" {
+		r.AddAttrs(slog.String("request_id", id))
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h requestIDHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return requestIDHandler{h.Handler.WithAttrs(attrs)}
+}
+
+func (h requestIDHandler) WithGroup(name string) slog.Handler {
+	return requestIDHandler{h.Handler.WithGroup(name)}
+}
+
+// statusWriter remembers what was sent, for the request log.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (w *statusWriter) WriteHeader(status int) {
+	if w.status == 0 {
+		w.status = status
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *statusWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(p)
+	w.bytes += int64(n)
+	return n, err
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// logRequests writes one line per request when it ends: INFO below 400,
+// WARN for 4xx, ERROR for 5xx.
+func logRequests(log *slog.Logger, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		sw := &statusWriter{ResponseWriter: w}
+		next.ServeHTTP(sw, r)
+		level := slog.LevelInfo
+		switch {
+		case sw.status >= 500:
+			level = slog.LevelError
+		case sw.status >= 400:
+			level = slog.LevelWarn
+		}
+		if !log.Enabled(r.Context(), level) {
+			return
+		}
+		log.LogAttrs(r.Context(), level, "request",
+			slog.String("method", r.Method),
+			slog.String("path", r.URL.Path),
+			slog.String("route", r.Pattern),
+			slog.Int("status", sw.status),
+			slog.Int64("bytes", sw.bytes),
+			slog.Duration("duration", time.Since(start)),
+			slog.String("remote", r.RemoteAddr),
+		)
+	})
+}
+
+// recoverPanics turns a panic in a handler into a 500 problem and a logged
+// stack, and keeps the server serving.
+func recoverPanics(log *slog.Logger, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			v := recover()
+			if v == nil {
+				return
+			}
+			if v == http.ErrAbortHandler { // the handler asked to drop the connection
+				panic(v)
+			}
+			log.ErrorContext(r.Context(), "panic in handler", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			if sw, ok := w.(*statusWriter); ok && sw.status != 0 {
+				panic(http.ErrAbortHandler) // the response has begun; cut it off
+			}
+			writeProblem(w, r, http.StatusInternalServerError, "the server could not complete the request", nil)
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// problemsFromMux turns the mux's own plain-text 404 and 405 into problems;
+// the mux has already set Allow on a 405.
+func problemsFromMux(mux http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mux.ServeHTTP(&muxErrorWriter{ResponseWriter: w, r: r}, r)
+	})
+}
+
+type muxErrorWriter struct {
+	http.ResponseWriter
+	r        *http.Request
+	replaced bool
+}
+
+func (w *muxErrorWriter) WriteHeader(status int) {
+	// The mux sets r.Pattern before calling any handler; it is empty only
+	// when the mux answers by itself.
+	if w.r.Pattern == "" && (status == http.StatusNotFound || status == http.StatusMethodNotAllowed) {
+		w.replaced = true
+		h := w.Header()
+		h.Del("X-Content-Type-Options")
+		detail := "no resource at this path"
+		if status == http.StatusMethodNotAllowed {
+			detail = "this path does not support " + w.r.Method + "; see the Allow header"
+		}
+		writeProblem(w.ResponseWriter, w.r, status, detail, nil)
+		return
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w *muxErrorWriter) Write(p []byte) (int, error) {
+	if w.replaced { // the mux's plain-text body; the problem is already written
+		return len(p), nil
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *muxErrorWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

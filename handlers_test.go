@@ -1,0 +1,807 @@
+package main
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// testMaxBody is small so that the 413 rows need only small bodies.
+const testMaxBody = 4096
+
+type testServer struct {
+	*httptest.Server
+	logs  *syncBuffer
+	ready *atomic.Bool
+}
+
+// newTestServer serves the real handler over httptest with JSON logs kept
+// for inspection.
+func newTestServer(t *testing.T) *testServer {
+	t.Helper()
+	logs := &syncBuffer{}
+	log := newLogger(logs, "json", slog.LevelDebug)
+	ready := new(atomic.Bool)
+	ready.Store(true)
+	svc := NewService(NewMapStore(), log)
+	srv := httptest.NewServer(newHandler(log, svc, handlerConfig{maxBody: testMaxBody, ready: ready}))
+	t.Cleanup(srv.Close)
+	return &testServer{Server: srv, logs: logs, ready: ready}
+}
+
+// syncBuffer is a bytes.Buffer safe for the server's goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// request is one HTTP request in a test; header values are set as given.
+type request struct {
+	method string
+	path   string
+	body   string
+	header map[string]string
+}
+
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+// noDecompression leaves gzip to the tests, which check it themselves.
+var noDecompression = &http.Client{Transport: &http.Transport{DisableCompression: true}}
+
+func (s *testServer) do(t *testing.T, req request) response {
+	t.Helper()
+	var body io.Reader
+	if req.body != "" {
+		body = strings.NewReader(req.body)
+	}
+	r, err := http.NewRequest(req.method, s.URL+req.path, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if req.body != "" {
+		r.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range req.header {
+		if v == "" {
+			r.Header.Del(k)
+		} else {
+			r.Header.Set(k, v)
+		}
+	}
+	res, err := noDecompression.Do(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return response{status: res.StatusCode, header: res.Header, body: b}
+}
+
+// create posts an entry and returns its id and ETag.
+func (s *testServer) create(t *testing.T, body string) (id, etag string) {
+	t.Helper()
+	res := s.do(t, request{method: "POST", path: "/addresses", body: body})
+	if res.status != http.StatusCreated {
+		t.Fatalf("POST: status %d, body %s", res.status, res.body)
+	}
+	return strings.TrimPrefix(res.header.Get("Location"), "/addresses/"), res.header.Get("ETag")
+}
+
+type problemBody struct {
+	Type      string       `json:"type"`
+	Title     string       `json:"title"`
+	Status    int          `json:"status"`
+	Detail    string       `json:"detail"`
+	Instance  string       `json:"instance"`
+	RequestID string       `json:"request_id"`
+	Errors    []FieldError `json:"errors"`
+}
+
+// checkProblem asserts an RFC 9457 body that agrees with the response.
+func checkProblem(t *testing.T, res response, status int, path string) problemBody {
+	t.Helper()
+	if res.status != status {
+		t.Fatalf("status %d, want %d; body %s", res.status, status, res.body)
+	}
+	if ct := res.header.Get("Content-Type"); ct != "application/problem+json" {
+		t.Errorf("Content-Type %q, want application/problem+json", ct)
+	}
+	var p problemBody
+	dec := json.NewDecoder(bytes.NewReader(res.body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&p); err != nil {
+		t.Fatalf("problem body %s: %v", res.body, err)
+	}
+	want := problemBody{Type: "about:blank", Title: http.StatusText(status), Status: status, Instance: path,
+		RequestID: res.header.Get("X-Request-ID"), Detail: p.Detail, Errors: p.Errors}
+	if fmt.Sprint(p) != fmt.Sprint(want) {
+		t.Errorf("problem\n got %+v\nwant %+v", p, want)
+	}
+	if p.Detail == "" || p.RequestID == "" {
+		t.Errorf("problem lacks detail or request_id: %s", res.body)
+	}
+	for _, leak := range []string{"goroutine", ".go:", "runtime.", "json:", "strconv."} {
+		if bytes.Contains(res.body, []byte(leak)) {
+			t.Errorf("problem leaks internals (%q): %s", leak, res.body)
+		}
+	}
+	return p
+}
+
+// TestCRUDSession is the tutorial's end-to-end session through every endpoint.
+func TestCRUDSession(t *testing.T) {
+	s := newTestServer(t)
+
+	res := s.do(t, request{method: "POST", path: "/addresses", body: validEntry})
+	if res.status != http.StatusCreated {
+		t.Fatalf("POST: %d %s", res.status, res.body)
+	}
+	loc := res.header.Get("Location")
+	if !regexp.MustCompile(`^/addresses/[0-9a-f]{32}$`).MatchString(loc) {
+		t.Fatalf("Location %q is not /addresses/{32 hex}", loc)
+	}
+	tag := res.header.Get("ETag")
+	if !regexp.MustCompile(`^"[0-9a-f]{32}"$`).MatchString(tag) {
+		t.Errorf("ETag %q is not a strong quoted tag", tag)
+	}
+	if string(res.body) != validEntry || res.header.Get("Content-Type") != "application/json" {
+		t.Errorf("POST body %s (%s), want the stored entry as JSON", res.body, res.header.Get("Content-Type"))
+	}
+
+	res = s.do(t, request{method: "GET", path: loc})
+	if res.status != http.StatusOK || string(res.body) != validEntry || res.header.Get("ETag") != tag {
+		t.Errorf("GET: %d %s ETag %s", res.status, res.body, res.header.Get("ETag"))
+	}
+
+	id := strings.TrimPrefix(loc, "/addresses/")
+	res = s.do(t, request{method: "GET", path: "/addresses"})
+	if want := `{"` + id + `":` + validEntry + `}`; res.status != http.StatusOK || string(res.body) != want {
+		t.Errorf("GET /addresses: %d %s, want %s", res.status, res.body, want)
+	}
+
+	updated := strings.Replace(validEntry, "Ada Lovelace", "Augusta Ada King", 1)
+	res = s.do(t, request{method: "PUT", path: loc, body: updated, header: map[string]string{"If-Match": tag}})
+	if res.status != http.StatusNoContent || len(res.body) != 0 {
+		t.Fatalf("PUT: %d %s", res.status, res.body)
+	}
+	newTag := res.header.Get("ETag")
+	if newTag == "" || newTag == tag {
+		t.Errorf("PUT ETag %q, want a new one (old %q)", newTag, tag)
+	}
+	res = s.do(t, request{method: "GET", path: loc})
+	if string(res.body) != updated || res.header.Get("ETag") != newTag {
+		t.Errorf("GET after PUT: %s ETag %s", res.body, res.header.Get("ETag"))
+	}
+
+	res = s.do(t, request{method: "DELETE", path: loc, header: map[string]string{"If-Match": newTag}})
+	if res.status != http.StatusNoContent || len(res.body) != 0 {
+		t.Fatalf("DELETE: %d %s", res.status, res.body)
+	}
+	checkProblem(t, s.do(t, request{method: "GET", path: loc}), http.StatusNotFound, loc)
+	checkProblem(t, s.do(t, request{method: "DELETE", path: loc}), http.StatusNotFound, loc)
+	if res = s.do(t, request{method: "GET", path: "/addresses"}); string(res.body) != "{}" {
+		t.Errorf("empty list: %s, want {}", res.body)
+	}
+}
+
+// TestSampleEntriesRoundTrip: each sample in testdata comes back byte for byte.
+func TestSampleEntriesRoundTrip(t *testing.T) {
+	s := newTestServer(t)
+	for name, body := range sampleEntries(t) {
+		res := s.do(t, request{method: "POST", path: "/addresses", body: string(body)})
+		if res.status != http.StatusCreated || !bytes.Equal(res.body, body) {
+			t.Errorf("%s: POST %d\n got %s\nwant %s", name, res.status, res.body, body)
+			continue
+		}
+		res = s.do(t, request{method: "GET", path: res.header.Get("Location")})
+		if !bytes.Equal(res.body, body) {
+			t.Errorf("%s: GET\n got %s\nwant %s", name, res.body, body)
+		}
+	}
+}
+
+func gzipped(s string) string {
+	var b bytes.Buffer
+	zw := gzip.NewWriter(&b)
+	zw.Write([]byte(s))
+	zw.Close()
+	return b.String()
+}
+
+// TestErrorRows drives each error row of the contract and checks the problem.
+func TestErrorRows(t *testing.T) {
+	s := newTestServer(t)
+	id, tag := s.create(t, validEntry)
+	entry := "/addresses/" + id
+	unknown := "/addresses/0123456789abcdef0123456789abcdef"
+	bigName := `{"full_name":"` + strings.Repeat("a", testMaxBody) + `"}`
+	json := map[string]string{"Content-Type": "application/json"}
+	tests := []struct {
+		name       string
+		req        request
+		status     int
+		wantFields bool
+		allow      string
+	}{
+		{"body not JSON", request{method: "POST", path: "/addresses", body: "full_name=Ada"}, 400, false, ""},
+		{"body truncated", request{method: "POST", path: "/addresses", body: `{"full_name":"Ada"`}, 400, false, ""},
+		{"body null", request{method: "POST", path: "/addresses", body: `null`}, 400, false, ""},
+		{"body an array", request{method: "POST", path: "/addresses", body: `[]`}, 400, false, ""},
+		{"body a string", request{method: "POST", path: "/addresses", body: `"s"`}, 400, false, ""},
+		{"body with trailing data", request{method: "POST", path: "/addresses", body: `{"full_name":"Ada"}{}`}, 400, false, ""},
+		{"body empty", request{method: "POST", path: "/addresses", header: json}, 400, false, ""},
+		{"body invalid UTF-8", request{method: "POST", path: "/addresses", body: "{\"full_name\":\"\xc0\"}"}, 400, false, ""},
+		{"body fails validation", request{method: "POST", path: "/addresses", body: `{"full_name":""}`}, 400, true, ""},
+		{"unknown field", request{method: "POST", path: "/addresses", body: `{"full_name":"A","id":"x"}`}, 400, true, ""},
+		{"case-variant key", request{method: "POST", path: "/addresses", body: `{"FULL_NAME":"A"}`}, 400, true, ""},
+		{"duplicate key", request{method: "POST", path: "/addresses", body: `{"full_name":"A","full_name":"A"}`}, 400, true, ""},
+		{"PUT fails validation", request{method: "PUT", path: entry, body: `{"full_name":5}`}, 400, true, ""},
+		{"body over max-body", request{method: "POST", path: "/addresses", body: bigName}, 413, false, ""},
+		{"body over max-body after gzip decoding", request{method: "POST", path: "/addresses", body: gzipped(bigName), header: map[string]string{"Content-Encoding": "gzip"}}, 413, false, ""},
+		{"body not gzip though it says so", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Encoding": "gzip"}}, 400, false, ""},
+		{"gzip body truncated", request{method: "POST", path: "/addresses", body: gzipped(validEntry)[:30], header: map[string]string{"Content-Encoding": "gzip"}}, 400, false, ""},
+		{"unsupported content coding", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Encoding": "br"}}, 415, false, ""},
+		{"Content-Type text/plain", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "text/plain"}}, 415, false, ""},
+		{"Content-Type form", request{method: "PUT", path: entry, body: validEntry, header: map[string]string{"Content-Type": "application/x-www-form-urlencoded"}}, 415, false, ""},
+		{"Content-Type JSON in Latin-1", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "application/json; charset=iso-8859-1"}}, 415, false, ""},
+		{"Content-Type malformed", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "application/"}}, 415, false, ""},
+		{"unknown id", request{method: "GET", path: unknown}, 404, false, ""},
+		{"PUT unknown id", request{method: "PUT", path: unknown, body: validEntry}, 404, false, ""},
+		{"DELETE unknown id", request{method: "DELETE", path: unknown}, 404, false, ""},
+		{"If-Match on unknown id", request{method: "PUT", path: unknown, body: validEntry, header: map[string]string{"If-Match": "*"}}, 404, false, ""},
+		{"id in capitals", request{method: "GET", path: "/addresses/" + strings.ToUpper(id)}, 404, false, ""},
+		{"id too short", request{method: "GET", path: entry[:len(entry)-1]}, 404, false, ""},
+		{"id with encoded traversal", request{method: "GET", path: "/addresses/..%2F..%2Fetc%2Fpasswd"}, 404, false, ""},
+		{"id of encoded dots", request{method: "DELETE", path: "/addresses/%2e%2e"}, 404, false, ""},
+		{"id with encoded slash", request{method: "PUT", path: "/addresses/a%2Fb", body: validEntry}, 404, false, ""},
+		{"path below an entry", request{method: "GET", path: entry + "/x"}, 404, false, ""},
+		{"unknown path", request{method: "GET", path: "/nope"}, 404, false, ""},
+		{"root", request{method: "GET", path: "/"}, 404, false, ""},
+		{"wrong method on the collection", request{method: "PATCH", path: "/addresses"}, 405, false, "GET, HEAD, POST"},
+		{"wrong method on an entry", request{method: "POST", path: entry, body: validEntry}, 405, false, "DELETE, GET, HEAD, PUT"},
+		{"wrong method on healthz", request{method: "DELETE", path: "/healthz"}, 405, false, "GET, HEAD"},
+		{"If-Match mismatch on PUT", request{method: "PUT", path: entry, body: validEntry, header: map[string]string{"If-Match": `"0123"`}}, 412, false, ""},
+		{"weak If-Match never matches", request{method: "PUT", path: entry, body: validEntry, header: map[string]string{"If-Match": "W/" + tag}}, 412, false, ""},
+		{"If-Match mismatch on DELETE", request{method: "DELETE", path: entry, header: map[string]string{"If-Match": `"0123"`}}, 412, false, ""},
+	}
+	for _, q := range []string{"limit=0", "limit=1001", "limit=-1", "limit=abc", "limit=+5", "limit=1.0", "limit=", "limit=%201",
+		"limit=99999999999999999999", "limit=1&limit=2", "after=xyz", "after=" + strings.ToUpper(id), "after=", "after=%zz"} {
+		tests = append(tests, struct {
+			name       string
+			req        request
+			status     int
+			wantFields bool
+			allow      string
+		}{"bad query " + q, request{method: "GET", path: "/addresses?" + q}, 400, false, ""})
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := s.do(t, tt.req)
+			path := tt.req.path
+			if i := strings.IndexByte(path, '?'); i >= 0 {
+				path = path[:i]
+			}
+			p := checkProblem(t, res, tt.status, path)
+			if tt.wantFields != (len(p.Errors) > 0) {
+				t.Errorf("errors %v, want fields: %v", p.Errors, tt.wantFields)
+			}
+			if got := res.header.Get("Allow"); got != tt.allow {
+				t.Errorf("Allow %q, want %q", got, tt.allow)
+			}
+		})
+	}
+	// None of it changed the entry.
+	if res := s.do(t, request{method: "GET", path: entry}); string(res.body) != validEntry || res.header.Get("ETag") != tag {
+		t.Errorf("entry changed by failed requests: %s", res.body)
+	}
+}
+
+func TestValidationProblemNamesEveryField(t *testing.T) {
+	s := newTestServer(t)
+	body := `{"full_name":"","addresses":[{"kind":"home","street_name":"s","pincode":1,"country":"c"},{"kind":"home","street_name":"s","country":"c"}],"emails":[{"kind":"x","email":"a@b.c"}]}`
+	p := checkProblem(t, s.do(t, request{method: "POST", path: "/addresses", body: body}), 400, "/addresses")
+	want := []FieldError{{"full_name", "must not be blank"}, {"addresses[1].pincode", "is required"}, {"emails[0].kind", `must be "home" or "work"`}}
+	if fmt.Sprint(p.Errors) != fmt.Sprint(want) {
+		t.Errorf("errors %v, want %v", p.Errors, want)
+	}
+}
+
+func TestAcceptedRequestBodies(t *testing.T) {
+	s := newTestServer(t)
+	tests := []struct {
+		name   string
+		header map[string]string
+		body   string
+	}{
+		{"no Content-Type", map[string]string{"Content-Type": ""}, validEntry},
+		{"application/json with charset", map[string]string{"Content-Type": "application/json; charset=UTF-8"}, validEntry},
+		{"a +json type", map[string]string{"Content-Type": "application/vnd.addrservice+json"}, validEntry},
+		{"gzip", map[string]string{"Content-Encoding": "gzip"}, gzipped(validEntry)},
+		{"exactly max-body", nil, `{"full_name":"A"}` + strings.Repeat(" ", testMaxBody-17)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := s.do(t, request{method: "POST", path: "/addresses", body: tt.body, header: tt.header})
+			if res.status != http.StatusCreated {
+				t.Errorf("status %d, body %s", res.status, res.body)
+			}
+		})
+	}
+}
+
+func TestListPagination(t *testing.T) {
+	s := newTestServer(t)
+	var ids []string
+	for i := range 7 {
+		id, _ := s.create(t, fmt.Sprintf(`{"full_name":"n%d"}`, i))
+		ids = append(ids, id)
+	}
+	var got []string
+	path := "/addresses?limit=3"
+	for pages := 0; path != ""; pages++ {
+		res := s.do(t, request{method: "GET", path: path})
+		if res.status != 200 {
+			t.Fatalf("GET %s: %d", path, res.status)
+		}
+		var page map[string]json.RawMessage
+		if err := json.Unmarshal(res.body, &page); err != nil {
+			t.Fatal(err)
+		}
+		// Keys must come in id order in the body itself.
+		keys := regexp.MustCompile(`"([0-9a-f]{32})":\{`).FindAllStringSubmatch(string(res.body), -1)
+		for _, k := range keys {
+			got = append(got, k[1])
+		}
+		if len(keys) != len(page) {
+			t.Fatalf("page %s: %d keys found, %d in the object", path, len(keys), len(page))
+		}
+		path = ""
+		if link := res.header.Get("Link"); link != "" {
+			m := regexp.MustCompile(`^<(/addresses\?limit=3&after=[0-9a-f]{32})>; rel="next"$`).FindStringSubmatch(link)
+			if m == nil {
+				t.Fatalf("Link %q", link)
+			}
+			path = m[1]
+		}
+		if pages > 5 {
+			t.Fatal("pagination does not end")
+		}
+	}
+	if fmt.Sprint(got) != fmt.Sprint(ids) {
+		t.Errorf("pages gave\n%v\nwant\n%v", got, ids)
+	}
+
+	// /addresses/ answers as /addresses; after need not exist; the default limit is 100.
+	res := s.do(t, request{method: "GET", path: "/addresses/?after=00000000000000000000000000000000"})
+	if res.status != 200 || strings.Count(string(res.body), `"full_name"`) != 7 || res.header.Get("Link") != "" {
+		t.Errorf("GET /addresses/: %d %s Link %q", res.status, res.body, res.header.Get("Link"))
+	}
+	for i := 7; i < 101; i++ {
+		s.create(t, `{"full_name":"more"}`)
+	}
+	res = s.do(t, request{method: "GET", path: "/addresses"})
+	if n := strings.Count(string(res.body), `"full_name"`); n != 100 || !strings.Contains(res.header.Get("Link"), "limit=100&after=") {
+		t.Errorf("default page: %d entries, Link %q", n, res.header.Get("Link"))
+	}
+	res = s.do(t, request{method: "POST", path: "/addresses/", body: validEntry})
+	if res.status != http.StatusCreated {
+		t.Errorf("POST /addresses/: %d", res.status)
+	}
+}
+
+func TestConditionalRequests(t *testing.T) {
+	s := newTestServer(t)
+	id, tag := s.create(t, validEntry)
+	path := "/addresses/" + id
+	tests := []struct {
+		name   string
+		req    request
+		status int
+	}{
+		{"If-None-Match current", request{method: "GET", path: path, header: map[string]string{"If-None-Match": tag}}, 304},
+		{"If-None-Match weak form of current", request{method: "GET", path: path, header: map[string]string{"If-None-Match": "W/" + tag}}, 304},
+		{"If-None-Match in a list", request{method: "GET", path: path, header: map[string]string{"If-None-Match": `"x", ` + tag}}, 304},
+		{"If-None-Match star", request{method: "GET", path: path, header: map[string]string{"If-None-Match": "*"}}, 304},
+		{"If-None-Match other", request{method: "GET", path: path, header: map[string]string{"If-None-Match": `"other"`}}, 200},
+		{"If-None-Match on HEAD", request{method: "HEAD", path: path, header: map[string]string{"If-None-Match": tag}}, 304},
+		{"If-Match in a list", request{method: "PUT", path: path, body: validEntry, header: map[string]string{"If-Match": `"x", ` + tag}}, 204},
+		{"If-Match star", request{method: "PUT", path: path, body: validEntry, header: map[string]string{"If-Match": "*"}}, 204},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := s.do(t, tt.req)
+			if res.status != tt.status {
+				t.Fatalf("status %d, want %d", res.status, tt.status)
+			}
+			if res.header.Get("ETag") != tag {
+				t.Errorf("ETag %q, want %q", res.header.Get("ETag"), tag)
+			}
+			if res.status == 304 && len(res.body) != 0 {
+				t.Errorf("304 with a body: %s", res.body)
+			}
+		})
+	}
+	res := s.do(t, request{method: "DELETE", path: path, header: map[string]string{"If-Match": "*"}})
+	if res.status != http.StatusNoContent {
+		t.Errorf("DELETE If-Match *: %d", res.status)
+	}
+}
+
+// TestConcurrentPutsWithSameIfMatch: only one of many PUTs holding the same
+// ETag wins; the others get 412, and the entry is the winner's.
+func TestConcurrentPutsWithSameIfMatch(t *testing.T) {
+	s := newTestServer(t)
+	id, tag := s.create(t, validEntry)
+	const writers = 16
+	statuses := make([]int, writers)
+	var wg sync.WaitGroup
+	for i := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res := s.do(t, request{method: "PUT", path: "/addresses/" + id, body: fmt.Sprintf(`{"full_name":"writer %d"}`, i),
+				header: map[string]string{"If-Match": tag}})
+			statuses[i] = res.status
+		}()
+	}
+	wg.Wait()
+	winner := -1
+	for i, st := range statuses {
+		switch st {
+		case http.StatusNoContent:
+			if winner >= 0 {
+				t.Errorf("writers %d and %d both won", winner, i)
+			}
+			winner = i
+		case http.StatusPreconditionFailed:
+		default:
+			t.Errorf("writer %d: status %d", i, st)
+		}
+	}
+	if winner < 0 {
+		t.Fatal("no writer won")
+	}
+	res := s.do(t, request{method: "GET", path: "/addresses/" + id})
+	if want := fmt.Sprintf(`{"full_name":"writer %d"}`, winner); string(res.body) != want {
+		t.Errorf("entry %s, want %s", res.body, want)
+	}
+}
+
+func TestResponseCompression(t *testing.T) {
+	s := newTestServer(t)
+	for range 5 {
+		s.create(t, validEntry)
+	}
+	id, _ := s.create(t, `{"full_name":"A"}`)
+	tests := []struct {
+		name           string
+		path           string
+		acceptEncoding string
+		wantGzip       bool
+	}{
+		{"large body, gzip accepted", "/addresses", "gzip", true},
+		{"large body, gzip among others", "/addresses", "br;q=1.0, gzip;q=0.5", true},
+		{"large body, any coding", "/addresses", "*", true},
+		{"large body, gzip refused", "/addresses", "gzip;q=0", false},
+		{"large body, no Accept-Encoding", "/addresses", "", false},
+		{"small body, gzip accepted", "/addresses/" + id, "gzip", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res := s.do(t, request{method: "GET", path: tt.path, header: map[string]string{"Accept-Encoding": tt.acceptEncoding}})
+			if res.header.Get("Vary") != "Accept-Encoding" {
+				t.Errorf("Vary %q", res.header.Get("Vary"))
+			}
+			body := res.body
+			if got := res.header.Get("Content-Encoding") == "gzip"; got != tt.wantGzip {
+				t.Fatalf("gzip %v, want %v", got, tt.wantGzip)
+			}
+			if tt.wantGzip {
+				zr, err := gzip.NewReader(bytes.NewReader(res.body))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if body, err = io.ReadAll(zr); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !json.Valid(body) || (tt.path == "/addresses" && len(body) < gzipMinSize) {
+				t.Errorf("body of %d bytes is not the expected JSON", len(body))
+			}
+		})
+	}
+}
+
+func TestRequestID(t *testing.T) {
+	s := newTestServer(t)
+	tests := []struct {
+		name string
+		in   string
+		kept bool
+	}{
+		{"well-formed", "abc.DEF_123-x", true},
+		{"128 characters", strings.Repeat("a", 128), true},
+		{"absent", "", false},
+		{"129 characters", strings.Repeat("a", 129), false},
+		{"a space", "abc def", false},
+		{"a slash", "a/b", false},
+		{"unicode", "ä", false},
+	}
+	for _, tt := range tests {
+		for _, path := range []string{"/healthz", "/nope"} {
+			t.Run(tt.name+path, func(t *testing.T) {
+				res := s.do(t, request{method: "GET", path: path, header: map[string]string{"X-Request-ID": tt.in}})
+				got := res.header.Get("X-Request-ID")
+				if tt.kept && got != tt.in {
+					t.Errorf("X-Request-ID %q, want %q kept", got, tt.in)
+				}
+				if !tt.kept && (got == tt.in || !validRequestID(got)) {
+					t.Errorf("X-Request-ID %q, want a fresh valid id", got)
+				}
+				if path == "/nope" && !bytes.Contains(res.body, []byte(`"request_id":"`+got+`"`)) {
+					t.Errorf("problem body lacks the request id: %s", res.body)
+				}
+			})
+		}
+	}
+}
+
+func TestHeadAnswersLikeGet(t *testing.T) {
+	s := newTestServer(t)
+	id, _ := s.create(t, validEntry)
+	for _, path := range []string{"/addresses/" + id, "/addresses", "/addresses/", "/healthz", "/readyz"} {
+		get := s.do(t, request{method: "GET", path: path})
+		head := s.do(t, request{method: "HEAD", path: path})
+		if head.status != get.status || len(head.body) != 0 {
+			t.Errorf("HEAD %s: %d with %d body bytes; GET %d", path, head.status, len(head.body), get.status)
+		}
+		for _, h := range []string{"Content-Type", "Content-Length", "ETag"} {
+			if head.header.Get(h) != get.header.Get(h) {
+				t.Errorf("HEAD %s: %s %q, GET has %q", path, h, head.header.Get(h), get.header.Get(h))
+			}
+		}
+	}
+}
+
+func TestHealthAndReadiness(t *testing.T) {
+	s := newTestServer(t)
+	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 || string(res.body) != `{"status":"ok"}` {
+		t.Errorf("healthz: %d %s", res.status, res.body)
+	}
+	if res := s.do(t, request{method: "GET", path: "/readyz"}); res.status != 200 {
+		t.Errorf("readyz while serving: %d", res.status)
+	}
+	s.ready.Store(false)
+	checkProblem(t, s.do(t, request{method: "GET", path: "/readyz"}), 503, "/readyz")
+	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 {
+		t.Errorf("healthz while draining: %d", res.status)
+	}
+}
+
+// ---- the program: run() in process -------------------------------------------
+
+// program is run() started in this process on a free port.
+type program struct {
+	addr   string // host:port it listens on
+	logs   *syncBuffer
+	stderr *syncBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// startProgram calls start (run or serve) and waits for its "starting" line.
+func startProgram(t *testing.T, start func(ctx context.Context, logs, stderr io.Writer) error) *program {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &program{logs: &syncBuffer{}, stderr: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	go func() { p.done <- start(ctx, p.logs, p.stderr) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			t.Error("the program did not stop within 10s of cancel")
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		for _, rec := range logRecords(t, p.logs.String()) {
+			if rec["msg"] == "starting" {
+				p.addr = rec["addr"].(string)
+				return p
+			}
+		}
+		select {
+		case err := <-p.done:
+			t.Fatalf("the program stopped before serving: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	t.Fatal("no starting line within 10s")
+	return nil
+}
+
+func startRun(t *testing.T, env map[string]string, args ...string) *program {
+	t.Helper()
+	args = append([]string{"-addr", "127.0.0.1:0", "-log-format", "json"}, args...)
+	return startProgram(t, func(ctx context.Context, logs, stderr io.Writer) error {
+		return run(ctx, args, func(k string) string { return env[k] }, logs, stderr)
+	})
+}
+
+// stop cancels the program's context, as a signal would, and returns run's result.
+func (p *program) stop(t *testing.T) error {
+	t.Helper()
+	p.cancel()
+	select {
+	case err := <-p.done:
+		p.done <- err // for the cleanup
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatal("the program did not stop within 10s")
+		return nil
+	}
+}
+
+func (p *program) get(t *testing.T, path string) *http.Response {
+	t.Helper()
+	res, err := http.Get("http://" + p.addr + path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	return res
+}
+
+// logRecords parses JSON log lines; every line must be one JSON object.
+func logRecords(t *testing.T, logs string) []map[string]any {
+	t.Helper()
+	var recs []map[string]any
+	for _, line := range strings.Split(strings.TrimSpace(logs), "\n") {
+		if line == "" {
+			continue
+		}
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line is not one JSON object: %q", line)
+		}
+		recs = append(recs, rec)
+	}
+	return recs
+}
+
+func TestRunServesUntilCancelled(t *testing.T) {
+	p := startRun(t, nil)
+	if res := p.get(t, "/healthz"); res.StatusCode != 200 {
+		t.Errorf("healthz: %d", res.StatusCode)
+	}
+	if err := p.stop(t); err != nil {
+		t.Fatalf("run returned %v after cancel, want nil (exit status 0)", err)
+	}
+	var msgs []string
+	for _, rec := range logRecords(t, p.logs.String()) {
+		msgs = append(msgs, rec["msg"].(string))
+	}
+	if want := "starting request shutting down stopped"; strings.Join(msgs, " ") != want {
+		t.Errorf("life-cycle lines %q, want %q", msgs, want)
+	}
+	if _, err := net.Dial("tcp", p.addr); err == nil {
+		t.Error("still accepting connections after run returned")
+	}
+}
+
+func TestRunRejectsBadConfiguration(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+		want string // what the one-line error must name
+	}{
+		{"max-body zero", []string{"-max-body", "0"}, nil, "-max-body"},
+		{"max-body not a number", []string{"-max-body", "1MB"}, nil, "-max-body"},
+		{"log-level unknown", []string{"-log-level", "loud"}, nil, "-log-level"},
+		{"log-format unknown", []string{"-log-format", "xml"}, nil, "-log-format"},
+		{"shutdown-timeout negative", []string{"-shutdown-timeout", "-1s"}, nil, "-shutdown-timeout"},
+		{"shutdown-timeout not a duration", []string{"-shutdown-timeout", "10"}, nil, "-shutdown-timeout"},
+		{"addr without a port", []string{"-addr", "localhost"}, nil, "-addr"},
+		{"unknown flag", []string{"-verbose"}, nil, "-verbose"},
+		{"a stray argument", []string{"serve"}, nil, `"serve"`},
+		{"bad variable", nil, map[string]string{"ADDRSERVICE_MAX_BODY": "lots"}, "ADDRSERVICE_MAX_BODY"},
+		{"bad level variable", nil, map[string]string{"ADDRSERVICE_LOG_LEVEL": "loud"}, "ADDRSERVICE_LOG_LEVEL"},
+		{"bad timeout variable", nil, map[string]string{"ADDRSERVICE_SHUTDOWN_TIMEOUT": "1"}, "ADDRSERVICE_SHUTDOWN_TIMEOUT"},
+		{"bad addr variable", nil, map[string]string{"ADDRSERVICE_ADDR": "nowhere"}, "-addr"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var logs, stderr bytes.Buffer
+			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, &logs, &stderr)
+			var usage *usageError
+			if !errors.As(err, &usage) {
+				t.Fatalf("run = %v, want a usage error (exit status 2)", err)
+			}
+			if msg := err.Error(); !strings.Contains(msg, tt.want) || strings.Contains(msg, "\n") {
+				t.Errorf("error %q: want one line naming %s", msg, tt.want)
+			}
+			if logs.Len() != 0 {
+				t.Errorf("something started: %s", logs.String())
+			}
+		})
+	}
+}
+
+func TestRunReadsEnvironmentAndFlagsWin(t *testing.T) {
+	small := map[string]string{"ADDRSERVICE_MAX_BODY": "20", "ADDRSERVICE_LOG_LEVEL": "", "ADDRSERVICE_LOG_FORMAT": "json"}
+	post := func(p *program) int {
+		res, err := http.Post("http://"+p.addr+"/addresses", "application/json", strings.NewReader(validEntry))
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		return res.StatusCode
+	}
+	if st := post(startRun(t, small)); st != http.StatusRequestEntityTooLarge {
+		t.Errorf("with ADDRSERVICE_MAX_BODY=20: status %d, want 413", st)
+	}
+	if st := post(startRun(t, small, "-max-body", "4096")); st != http.StatusCreated {
+		t.Errorf("with -max-body 4096 over ADDRSERVICE_MAX_BODY=20: status %d, want 201", st)
+	}
+}
+
+func TestRunHelpPrintsUsage(t *testing.T) {
+	var logs, stderr bytes.Buffer
+	if err := run(context.Background(), []string{"-h"}, func(string) string { return "" }, &logs, &stderr); err != nil {
+		t.Fatalf("run -h = %v, want nil", err)
+	}
+	for _, want := range []string{"-addr", "-data", "-log-level", "-log-format", "-max-body", "-shutdown-timeout", "ADDRSERVICE_", "1048576", ":8080", "10s"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("usage lacks %q:\n%s", want, stderr.String())
+		}
+	}
+}
+
+func TestRunFailsWhenThePortIsTaken(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	err = run(context.Background(), []string{"-addr", ln.Addr().String()}, func(string) string { return "" }, io.Discard, io.Discard)
+	var usage *usageError
+	if err == nil || errors.As(err, &usage) {
+		t.Fatalf("run on a taken port = %v, want a start error (exit status 1)", err)
+	}
+}

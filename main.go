@@ -1,0 +1,251 @@
+// Addrservice is an address-book REST service built on the standard library
+// alone, and a starting point to copy for a Go service of your own.
+//
+// Endpoints (contract: api-v1.md; README for examples):
+//
+//	POST   /addresses        create an entry: 201, Location, ETag
+//	GET    /addresses        list entries in id order: ?limit=N&after=ID, Link rel="next"
+//	GET    /addresses/{id}   one entry: ETag, If-None-Match
+//	PUT    /addresses/{id}   replace an entry: 204, If-Match
+//	DELETE /addresses/{id}   delete an entry: 204, If-Match
+//	GET    /healthz          liveness
+//	GET    /readyz           readiness: 503 once shutdown has begun
+//
+// Usage:
+//
+//	addrservice [-addr :8080] [-data DIR] [-log-level info] [-log-format text]
+//	            [-max-body 1048576] [-shutdown-timeout 10s]
+//
+// Every flag can also be set as ADDRSERVICE_<FLAG>, such as ADDRSERVICE_MAX_BODY;
+// a flag on the command line wins.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop() // from now on a second signal ends the process at once
+	}()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "addrservice:", err)
+		var usage *usageError
+		if errors.As(err, &usage) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+// run is the whole program: it serves until ctx is cancelled, then drains.
+// Logs go to stdout; the usage asked for with -h goes to stderr.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return serve(ctx, cfg, stdout)
+}
+
+// config is everything the flags and environment decide.
+type config struct {
+	addr            string
+	dataDir         string
+	logLevel        slog.Level
+	logFormat       string
+	maxBody         int64
+	shutdownTimeout time.Duration
+	timeouts        serverTimeouts
+}
+
+// serverTimeouts bound how long a client may hold a connection. They are not
+// flags: the defaults suit a service behind a load balancer, and tests
+// shorten them.
+type serverTimeouts struct {
+	readHeader time.Duration // slow-header (slowloris) clients are cut off here
+	read       time.Duration // the whole request, body included
+	write      time.Duration // from the end of the request headers to the end of the response
+	idle       time.Duration // a keep-alive connection waiting for its next request
+	maxHeader  int           // bytes of request line and headers
+}
+
+var defaultTimeouts = serverTimeouts{
+	readHeader: 5 * time.Second,
+	read:       30 * time.Second,
+	write:      30 * time.Second,
+	idle:       120 * time.Second,
+	maxHeader:  64 << 10,
+}
+
+// usageError is a bad flag or variable: exit status 2.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+// parseConfig reads flags, then ADDRSERVICE_* variables for flags not given.
+// Each error is one line naming the flag or variable.
+func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) (config, error) {
+	cfg := config{timeouts: defaultTimeouts}
+	fs := flag.NewFlagSet("addrservice", flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are reported in one line below, not with the usage
+	fs.StringVar(&cfg.addr, "addr", ":8080", "listen `address`, host:port")
+	fs.StringVar(&cfg.dataDir, "data", "", "keep entries under `DIR`; empty keeps them in memory only")
+	fs.Func("log-level", "log `level`: debug, info, warn or error (default info)", func(s string) error {
+		levels := map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}
+		level, ok := levels[s]
+		if !ok {
+			return errors.New("must be debug, info, warn or error")
+		}
+		cfg.logLevel = level
+		return nil
+	})
+	cfg.logFormat = "text"
+	fs.Func("log-format", "log `format`: text (key=value) or json (default text)", func(s string) error {
+		if s != "text" && s != "json" {
+			return errors.New("must be text or json")
+		}
+		cfg.logFormat = s
+		return nil
+	})
+	cfg.maxBody = 1 << 20
+	fs.Func("max-body", "largest request body in `bytes`, before and after gzip decoding (default 1048576)", func(s string) error {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n < 1 {
+			return errors.New("must be a whole number of bytes, at least 1")
+		}
+		cfg.maxBody = n
+		return nil
+	})
+	cfg.shutdownTimeout = 10 * time.Second
+	fs.Func("shutdown-timeout", "how long in-flight requests may take to finish after a signal, as a `duration` (default 10s)", func(s string) error {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			return errors.New("must be a positive duration such as 10s")
+		}
+		cfg.shutdownTimeout = d
+		return nil
+	})
+
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(usageOut, "Usage: addrservice [flags]\n\nEach flag can also be set as ADDRSERVICE_<FLAG> (ADDRSERVICE_MAX_BODY); the flag wins.\n\nFlags:")
+			fs.SetOutput(usageOut)
+			fs.PrintDefaults()
+			return cfg, err
+		}
+		return cfg, &usageError{err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return cfg, &usageError{fmt.Sprintf("unexpected argument %q: every setting is a flag", fs.Arg(0))}
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		name := "ADDRSERVICE_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		value := getenv(name)
+		if given[f.Name] || value == "" || envErr != nil {
+			return
+		}
+		if err := fs.Set(f.Name, value); err != nil {
+			envErr = &usageError{fmt.Sprintf("invalid value %q for %s: %v", value, name, err)}
+		}
+	})
+	if envErr != nil {
+		return cfg, envErr
+	}
+	if _, _, err := net.SplitHostPort(cfg.addr); err != nil {
+		return cfg, &usageError{fmt.Sprintf("invalid value %q for -addr (or ADDRSERVICE_ADDR): must be host:port, such as :8080", cfg.addr)}
+	}
+	return cfg, nil
+}
+
+// serve opens the store, listens, serves until ctx is done, then drains.
+func serve(ctx context.Context, cfg config, logOut io.Writer) error {
+	log := newLogger(logOut, cfg.logFormat, cfg.logLevel)
+
+	store, err := openStore(cfg.dataDir)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	// Listen before anything else can fail late: a port in use is reported now.
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return err
+	}
+
+	var ready atomic.Bool
+	ready.Store(true)
+	srv := &http.Server{
+		Handler:           newHandler(log, NewService(store, log), handlerConfig{maxBody: cfg.maxBody, ready: &ready}),
+		ReadHeaderTimeout: cfg.timeouts.readHeader,
+		ReadTimeout:       cfg.timeouts.read,
+		WriteTimeout:      cfg.timeouts.write,
+		IdleTimeout:       cfg.timeouts.idle,
+		MaxHeaderBytes:    cfg.timeouts.maxHeader,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	log.Info("starting", "addr", ln.Addr().String(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
+		"max_body", cfg.maxBody, "shutdown_timeout", cfg.shutdownTimeout.String())
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	select {
+	case err := <-served:
+		return err
+	case <-ctx.Done():
+	}
+
+	ready.Store(false)
+	log.Info("shutting down", "timeout", cfg.shutdownTimeout.String())
+	// A fresh context: ctx is already cancelled.
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Warn("in-flight requests did not finish in time; closing their connections", "err", err)
+		srv.Close()
+	}
+	if err := store.Close(); err != nil {
+		return fmt.Errorf("closing the store: %w", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// openStore returns the store the configuration asks for.
+func openStore(dataDir string) (Store, error) {
+	return NewMapStore(), nil
+}
+
+// newLogger returns a logger whose records carry the request id of the
+// context they are logged with.
+func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(w, opts)
+	if format == "json" {
+		h = slog.NewJSONHandler(w, opts)
+	}
+	return slog.New(requestIDHandler{h})
+}

@@ -1,0 +1,840 @@
+package main
+
+// This file is the service layer: the address-book entry, its rules, and the
+// operations on it. It knows nothing of HTTP; handlers.go translates.
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/mail"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+	"unicode"
+	"unicode/utf16"
+	"unicode/utf8"
+)
+
+// Entry is one address-book entry, the model of the Tornado original.
+// Lists are nil when the client left them out and empty when it sent [],
+// so what GET returns is exactly what was stored.
+type Entry struct {
+	FullName     string    `json:"full_name"`
+	Addresses    []Address `json:"addresses,omitzero"`
+	PhoneNumbers []Phone   `json:"phone_numbers,omitzero"`
+	FaxNumbers   []Phone   `json:"fax_numbers,omitzero"`
+	Emails       []Email   `json:"emails,omitzero"`
+}
+
+// Address is a postal address. Optional text fields are pointers so that an
+// empty string a client sent stays distinguishable from one it left out.
+type Address struct {
+	Kind         string    `json:"kind"`
+	BuildingName *string   `json:"building_name,omitempty"`
+	UnitNumber   int64     `json:"unit_number,omitzero"`
+	StreetNumber IntOrText `json:"street_number,omitzero"`
+	StreetName   string    `json:"street_name"`
+	Locality     *string   `json:"locality,omitempty"`
+	City         *string   `json:"city,omitempty"`
+	Province     *string   `json:"province,omitempty"`
+	Pincode      IntOrText `json:"pincode"`
+	Country      string    `json:"country"`
+}
+
+// Phone is a phone or fax number.
+type Phone struct {
+	Kind        string `json:"kind"`
+	CountryCode int64  `json:"country_code"`
+	AreaCode    int64  `json:"area_code,omitzero"`
+	LocalNumber int64  `json:"local_number"`
+}
+
+// Email is an e-mail address.
+type Email struct {
+	Kind  string `json:"kind"`
+	Email string `json:"email"`
+}
+
+// IntOrText is a value clients may send either as a positive integer (110011)
+// or as text ("SW1A 1AA", "7B"). It remembers which, so a number stays a
+// number. The zero value means absent.
+type IntOrText struct {
+	Int  int64
+	Text string
+}
+
+// MarshalJSON writes the value in the form the client sent it.
+func (v IntOrText) MarshalJSON() ([]byte, error) {
+	if v.Text != "" {
+		return json.Marshal(v.Text)
+	}
+	return strconv.AppendInt(nil, v.Int, 10), nil
+}
+
+// Limits of the contract.
+const (
+	maxListItems  = 64
+	maxTextLength = 256 // in Unicode characters, not bytes
+	maxCountry    = 999 // largest country calling code
+	maxJSONDepth  = 32  // an entry nests 3 deep; this only stops stack abuse
+)
+
+// ---- errors -----------------------------------------------------------------
+
+// The service's closed set of errors. The HTTP layer maps each to a status.
+var (
+	ErrNotFound           = errors.New("no address-book entry has this id")
+	ErrPreconditionFailed = errors.New("the entry has changed since the given ETag")
+)
+
+// InvalidError says the client's input is unusable. Fields lists every field
+// that broke a rule; it is empty when the input was not a JSON object at all.
+type InvalidError struct {
+	Detail string
+	Fields []FieldError
+}
+
+// FieldError names one bad field by its path, such as addresses[1].pincode.
+type FieldError struct {
+	Field   string `json:"field"`
+	Message string `json:"message"`
+}
+
+func (e *InvalidError) Error() string { return e.Detail }
+
+func invalid(format string, args ...any) *InvalidError {
+	return &InvalidError{Detail: fmt.Sprintf(format, args...)}
+}
+
+// ---- ids --------------------------------------------------------------------
+
+// ID identifies an entry: 8 bytes of creation time, then 8 random bytes.
+// Written as 32 lowercase hex characters, ids sort in creation order.
+// ParseID is the only way from text to an ID, so an id that reaches the
+// store, or the file system behind it, has always been validated.
+type ID [16]byte
+
+func (id ID) String() string { return hex.EncodeToString(id[:]) }
+
+// ParseID accepts exactly 32 lowercase hex characters.
+func ParseID(s string) (ID, bool) {
+	var id ID
+	if len(s) != 2*len(id) {
+		return id, false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return id, false
+		}
+	}
+	_, err := hex.Decode(id[:], []byte(s))
+	return id, err == nil
+}
+
+// idGenerator makes ids whose time part strictly increases within a process,
+// even when the clock stands still or steps back.
+type idGenerator struct {
+	mu   sync.Mutex
+	last uint64
+}
+
+func (g *idGenerator) next() ID {
+	var id ID
+	g.mu.Lock()
+	t := uint64(time.Now().UnixNano())
+	if t <= g.last {
+		t = g.last + 1
+	}
+	g.last = t
+	g.mu.Unlock()
+	binary.BigEndian.PutUint64(id[:8], t)
+	rand.Read(id[8:]) // never fails on supported platforms
+	return id
+}
+
+// ---- operations -------------------------------------------------------------
+
+// Service holds the address book's operations.
+type Service struct {
+	store Store
+	ids   idGenerator
+	log   *slog.Logger
+}
+
+// NewService returns a service that keeps its entries in store.
+func NewService(store Store, log *slog.Logger) *Service {
+	return &Service{store: store, log: log}
+}
+
+// NewRecord turns a valid entry into what the store keeps: its JSON, encoded
+// once here and served as is on every read, and a version derived from that
+// JSON, so equal content always has an equal ETag, also after a restart.
+func NewRecord(e Entry) (Record, error) {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return Record{}, fmt.Errorf("encoding entry: %w", err)
+	}
+	sum := sha256.Sum256(data)
+	return Record{JSON: data, Version: hex.EncodeToString(sum[:16])}, nil
+}
+
+// Create stores a new entry and returns its id and stored form.
+func (s *Service) Create(ctx context.Context, e Entry) (ID, Record, error) {
+	rec, err := NewRecord(e)
+	if err != nil {
+		return ID{}, Record{}, err
+	}
+	id := s.ids.next()
+	if err := s.store.Insert(ctx, id, rec); err != nil {
+		return ID{}, Record{}, err
+	}
+	s.log.DebugContext(ctx, "entry created", "id", id.String())
+	return id, rec, nil
+}
+
+// Get returns the stored form of one entry.
+func (s *Service) Get(ctx context.Context, id ID) (Record, error) {
+	return s.store.Get(ctx, id)
+}
+
+// Replace swaps an entry for a new version when ifMatch allows it (see Store).
+func (s *Service) Replace(ctx context.Context, id ID, e Entry, ifMatch []string) (Record, error) {
+	rec, err := NewRecord(e)
+	if err != nil {
+		return Record{}, err
+	}
+	if err := s.store.Replace(ctx, id, rec, ifMatch); err != nil {
+		return Record{}, err
+	}
+	s.log.DebugContext(ctx, "entry replaced", "id", id.String())
+	return rec, nil
+}
+
+// Delete removes an entry when ifMatch allows it (see Store).
+func (s *Service) Delete(ctx context.Context, id ID, ifMatch []string) error {
+	if err := s.store.Delete(ctx, id, ifMatch); err != nil {
+		return err
+	}
+	s.log.DebugContext(ctx, "entry deleted", "id", id.String())
+	return nil
+}
+
+// Page is one page of the address book in id order.
+type Page struct {
+	Items []Item
+	More  bool // entries remain after the last item
+}
+
+// Limits of a page.
+const (
+	DefaultPageSize = 100
+	MaxPageSize     = 1000
+)
+
+// List returns up to limit entries whose ids come after after; the zero ID
+// starts at the beginning.
+func (s *Service) List(ctx context.Context, after ID, limit int) (Page, error) {
+	if limit < 1 || limit > MaxPageSize {
+		return Page{}, invalid("limit must be between 1 and %d", MaxPageSize)
+	}
+	items, more, err := s.store.List(ctx, after, limit)
+	return Page{Items: items, More: more}, err
+}
+
+// ---- decoding and validation ------------------------------------------------
+
+// ParseEntry decodes and validates one entry from JSON. It is stricter than
+// encoding/json: the body must be exactly one object of valid UTF-8, keys
+// must match a field exactly and only once, nothing may be null, numbers must
+// be integer literals, and every broken rule is reported, not just the first.
+func ParseEntry(data []byte) (Entry, error) {
+	v, err := parseJSON(data)
+	if err != nil {
+		return Entry{}, err
+	}
+	if v.kind != jsonObject {
+		return Entry{}, invalid("the body must be a JSON object, not %s", v.kind)
+	}
+	var d entryDecoder
+	e := d.entry(v)
+	if len(d.errs) > 0 {
+		return Entry{}, &InvalidError{Detail: "the entry is not valid; see errors", Fields: d.errs}
+	}
+	return e, nil
+}
+
+// entryDecoder maps a parsed JSON value onto an Entry, collecting every
+// broken rule with the path of its field.
+type entryDecoder struct {
+	errs []FieldError
+}
+
+func (d *entryDecoder) fail(path, message string) {
+	d.errs = append(d.errs, FieldError{Field: path, Message: message})
+}
+
+// fields calls field for each member of object v, reporting members that are
+// unknown (field returns false), repeated, or null. Each name in required
+// that the object lacks is reported as missing.
+func (d *entryDecoder) fields(v jsonValue, path string, required []string, field func(key string, v jsonValue, path string) bool) {
+	if v.kind != jsonObject {
+		d.fail(path, "must be an object")
+		return
+	}
+	seen := make(map[string]bool, len(v.members))
+	for _, m := range v.members {
+		p := m.key
+		if path != "" {
+			p = path + "." + m.key
+		}
+		switch {
+		case seen[m.key]:
+			d.fail(p, "is given more than once")
+		case m.value.kind == jsonNull:
+			seen[m.key] = true
+			if !field(m.key, jsonValue{kind: jsonUnknown}, p) {
+				d.fail(p, "is not a known field")
+			} else {
+				d.fail(p, "must not be null")
+			}
+		default:
+			seen[m.key] = true
+			if !field(m.key, m.value, p) {
+				d.fail(p, "is not a known field")
+			}
+		}
+	}
+	for _, name := range required {
+		if !seen[name] {
+			p := name
+			if path != "" {
+				p = path + "." + name
+			}
+			d.fail(p, "is required")
+		}
+	}
+}
+
+// list calls item for each element of array v and returns a non-nil slice
+// (empty for []), so a list the client sent is never confused with none.
+func list[T any](d *entryDecoder, v jsonValue, path string, item func(v jsonValue, path string) T) []T {
+	if v.kind == jsonUnknown { // null, reported by fields
+		return nil
+	}
+	if v.kind != jsonArray {
+		d.fail(path, "must be a list")
+		return nil
+	}
+	if len(v.items) > maxListItems {
+		d.fail(path, fmt.Sprintf("must have at most %d items", maxListItems))
+		return nil
+	}
+	out := make([]T, 0, len(v.items))
+	for i, it := range v.items {
+		out = append(out, item(it, path+"["+strconv.Itoa(i)+"]"))
+	}
+	return out
+}
+
+func (d *entryDecoder) entry(v jsonValue) Entry {
+	var e Entry
+	d.fields(v, "", []string{"full_name"}, func(key string, v jsonValue, p string) bool {
+		switch key {
+		case "full_name":
+			e.FullName = d.text(v, p, true)
+		case "addresses":
+			e.Addresses = list(d, v, p, d.address)
+		case "phone_numbers":
+			e.PhoneNumbers = list(d, v, p, d.phone)
+		case "fax_numbers":
+			e.FaxNumbers = list(d, v, p, d.phone)
+		case "emails":
+			e.Emails = list(d, v, p, d.email)
+		default:
+			return false
+		}
+		return true
+	})
+	return e
+}
+
+func (d *entryDecoder) address(v jsonValue, path string) Address {
+	var a Address
+	required := []string{"kind", "street_name", "pincode", "country"}
+	d.fields(v, path, required, func(key string, v jsonValue, p string) bool {
+		switch key {
+		case "kind":
+			a.Kind = d.kind(v, p)
+		case "building_name":
+			a.BuildingName = d.optionalText(v, p)
+		case "unit_number":
+			a.UnitNumber = d.positive(v, p)
+		case "street_number":
+			a.StreetNumber = d.intOrText(v, p)
+		case "street_name":
+			a.StreetName = d.text(v, p, true)
+		case "locality":
+			a.Locality = d.optionalText(v, p)
+		case "city":
+			a.City = d.optionalText(v, p)
+		case "province":
+			a.Province = d.optionalText(v, p)
+		case "pincode":
+			a.Pincode = d.intOrText(v, p)
+		case "country":
+			a.Country = d.text(v, p, true)
+		default:
+			return false
+		}
+		return true
+	})
+	return a
+}
+
+func (d *entryDecoder) phone(v jsonValue, path string) Phone {
+	var ph Phone
+	required := []string{"kind", "country_code", "local_number"}
+	d.fields(v, path, required, func(key string, v jsonValue, p string) bool {
+		switch key {
+		case "kind":
+			ph.Kind = d.kind(v, p)
+		case "country_code":
+			if n := d.positive(v, p); n > maxCountry {
+				d.fail(p, fmt.Sprintf("must be an integer from 1 to %d", maxCountry))
+			} else {
+				ph.CountryCode = n
+			}
+		case "area_code":
+			ph.AreaCode = d.positive(v, p)
+		case "local_number":
+			ph.LocalNumber = d.positive(v, p)
+		default:
+			return false
+		}
+		return true
+	})
+	return ph
+}
+
+func (d *entryDecoder) email(v jsonValue, path string) Email {
+	var em Email
+	d.fields(v, path, []string{"kind", "email"}, func(key string, v jsonValue, p string) bool {
+		switch key {
+		case "kind":
+			em.Kind = d.kind(v, p)
+		case "email":
+			em.Email = d.text(v, p, true)
+			if em.Email != "" && !isBareEmail(em.Email) {
+				d.fail(p, "must be a bare e-mail address such as ada@example.org")
+			}
+		default:
+			return false
+		}
+		return true
+	})
+	return em
+}
+
+// isBareEmail accepts what net/mail parses as an address with no display
+// name, written exactly as its own address part ("Ada <a@b>" is refused).
+func isBareEmail(s string) bool {
+	addr, err := mail.ParseAddress(s)
+	return err == nil && addr.Name == "" && addr.Address == s
+}
+
+func (d *entryDecoder) kind(v jsonValue, path string) string {
+	s := d.text(v, path, true)
+	if s != "" && s != "home" && s != "work" {
+		d.fail(path, `must be "home" or "work"`)
+	}
+	return s
+}
+
+// text checks a string field; nonBlank fields must hold more than spaces.
+func (d *entryDecoder) text(v jsonValue, path string, nonBlank bool) string {
+	if v.kind == jsonUnknown {
+		return ""
+	}
+	if v.kind != jsonString {
+		d.fail(path, "must be a string")
+		return ""
+	}
+	if msg := checkText(v.text, nonBlank); msg != "" {
+		d.fail(path, msg)
+		return ""
+	}
+	return v.text
+}
+
+func (d *entryDecoder) optionalText(v jsonValue, path string) *string {
+	if v.kind != jsonString {
+		d.text(v, path, false) // reports the type
+		return nil
+	}
+	s := d.text(v, path, false)
+	return &s
+}
+
+func checkText(s string, nonBlank bool) string {
+	if utf8.RuneCountInString(s) > maxTextLength {
+		return fmt.Sprintf("must be at most %d characters", maxTextLength)
+	}
+	if strings.IndexFunc(s, unicode.IsControl) >= 0 {
+		return "must not contain control characters"
+	}
+	if nonBlank && strings.TrimSpace(s) == "" {
+		return "must not be blank"
+	}
+	return ""
+}
+
+// positive accepts an integer literal greater than 0 that fits in an int64;
+// 7.0 and 1e2 are numbers but not integer literals, so they are refused.
+func (d *entryDecoder) positive(v jsonValue, path string) int64 {
+	if v.kind == jsonUnknown {
+		return 0
+	}
+	n, ok := positiveInt(v)
+	if !ok {
+		d.fail(path, "must be a positive integer")
+	}
+	return n
+}
+
+func positiveInt(v jsonValue) (int64, bool) {
+	if v.kind != jsonNumber || strings.ContainsAny(v.text, "-.eE") {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v.text, 10, 64)
+	return n, err == nil && n > 0
+}
+
+func (d *entryDecoder) intOrText(v jsonValue, path string) IntOrText {
+	switch v.kind {
+	case jsonUnknown:
+		return IntOrText{}
+	case jsonString:
+		if msg := checkText(v.text, true); msg != "" {
+			d.fail(path, msg)
+			return IntOrText{}
+		}
+		return IntOrText{Text: v.text}
+	}
+	n, ok := positiveInt(v)
+	if !ok {
+		d.fail(path, "must be a positive integer or a non-blank string")
+	}
+	return IntOrText{Int: n}
+}
+
+// ---- a strict JSON parser ---------------------------------------------------
+
+// jsonValue is a parsed JSON value that keeps what encoding/json throws away:
+// every object member in order (so duplicates and case variants are seen)
+// and the literal text of numbers (so 7.0 is not mistaken for 7).
+type jsonValue struct {
+	kind    jsonKind
+	text    string // a string's value, a number's literal
+	items   []jsonValue
+	members []jsonMember
+}
+
+type jsonMember struct {
+	key   string
+	value jsonValue
+}
+
+type jsonKind uint8
+
+const (
+	jsonUnknown jsonKind = iota // a field that was null; reported once, then skipped
+	jsonNull
+	jsonBool
+	jsonNumber
+	jsonString
+	jsonArray
+	jsonObject
+)
+
+func (k jsonKind) String() string {
+	return [...]string{"nothing", "null", "a boolean", "a number", "a string", "an array", "an object"}[k]
+}
+
+// parseJSON parses exactly one JSON value (RFC 8259) of valid UTF-8, refusing
+// lone UTF-16 surrogates and nesting deeper than maxJSONDepth.
+func parseJSON(data []byte) (jsonValue, error) {
+	p := jsonParser{data: data}
+	p.space()
+	if p.pos == len(data) {
+		return jsonValue{}, invalid("the body is empty; it must be a JSON object")
+	}
+	v, err := p.value(0)
+	if err != nil {
+		return jsonValue{}, err
+	}
+	p.space()
+	if p.pos != len(data) {
+		return jsonValue{}, invalid("the body is not valid JSON: unexpected data after the value at byte %d", p.pos)
+	}
+	return v, nil
+}
+
+type jsonParser struct {
+	data []byte
+	pos  int
+}
+
+func (p *jsonParser) errorf(what string) error {
+	if p.pos >= len(p.data) {
+		return invalid("the body is not valid JSON: it ends too early")
+	}
+	return invalid("the body is not valid JSON: %s at byte %d", what, p.pos)
+}
+
+func (p *jsonParser) space() {
+	for p.pos < len(p.data) {
+		switch p.data[p.pos] {
+		case ' ', '\t', '\n', '\r':
+			p.pos++
+		default:
+			return
+		}
+	}
+}
+
+func (p *jsonParser) value(depth int) (jsonValue, error) {
+	if depth > maxJSONDepth {
+		return jsonValue{}, invalid("the body is not valid JSON: nested deeper than %d levels", maxJSONDepth)
+	}
+	if p.pos >= len(p.data) {
+		return jsonValue{}, p.errorf("")
+	}
+	switch c := p.data[p.pos]; {
+	case c == '{':
+		return p.object(depth)
+	case c == '[':
+		return p.array(depth)
+	case c == '"':
+		s, err := p.string()
+		return jsonValue{kind: jsonString, text: s}, err
+	case c == '-' || (c >= '0' && c <= '9'):
+		return p.number()
+	case p.literal("true"), p.literal("false"):
+		return jsonValue{kind: jsonBool}, nil
+	case p.literal("null"):
+		return jsonValue{kind: jsonNull}, nil
+	}
+	return jsonValue{}, p.errorf("unexpected character")
+}
+
+func (p *jsonParser) literal(word string) bool {
+	if strings.HasPrefix(string(p.data[p.pos:min(len(p.data), p.pos+len(word))]), word) {
+		p.pos += len(word)
+		return true
+	}
+	return false
+}
+
+func (p *jsonParser) object(depth int) (jsonValue, error) {
+	v := jsonValue{kind: jsonObject}
+	p.pos++ // {
+	p.space()
+	if p.pos < len(p.data) && p.data[p.pos] == '}' {
+		p.pos++
+		return v, nil
+	}
+	for {
+		if p.pos >= len(p.data) || p.data[p.pos] != '"' {
+			return v, p.errorf("expected a quoted key")
+		}
+		key, err := p.string()
+		if err != nil {
+			return v, err
+		}
+		p.space()
+		if p.pos >= len(p.data) || p.data[p.pos] != ':' {
+			return v, p.errorf("expected ':'")
+		}
+		p.pos++
+		p.space()
+		val, err := p.value(depth + 1)
+		if err != nil {
+			return v, err
+		}
+		v.members = append(v.members, jsonMember{key: key, value: val})
+		p.space()
+		if p.pos < len(p.data) && p.data[p.pos] == ',' {
+			p.pos++
+			p.space()
+			continue
+		}
+		if p.pos < len(p.data) && p.data[p.pos] == '}' {
+			p.pos++
+			return v, nil
+		}
+		return v, p.errorf("expected ',' or '}'")
+	}
+}
+
+func (p *jsonParser) array(depth int) (jsonValue, error) {
+	v := jsonValue{kind: jsonArray, items: []jsonValue{}}
+	p.pos++ // [
+	p.space()
+	if p.pos < len(p.data) && p.data[p.pos] == ']' {
+		p.pos++
+		return v, nil
+	}
+	for {
+		item, err := p.value(depth + 1)
+		if err != nil {
+			return v, err
+		}
+		v.items = append(v.items, item)
+		p.space()
+		if p.pos < len(p.data) && p.data[p.pos] == ',' {
+			p.pos++
+			p.space()
+			continue
+		}
+		if p.pos < len(p.data) && p.data[p.pos] == ']' {
+			p.pos++
+			return v, nil
+		}
+		return v, p.errorf("expected ',' or ']'")
+	}
+}
+
+func (p *jsonParser) number() (jsonValue, error) {
+	start := p.pos
+	digits := func() int {
+		n := 0
+		for p.pos < len(p.data) && p.data[p.pos] >= '0' && p.data[p.pos] <= '9' {
+			p.pos++
+			n++
+		}
+		return n
+	}
+	if p.data[p.pos] == '-' {
+		p.pos++
+	}
+	if p.pos < len(p.data) && p.data[p.pos] == '0' {
+		p.pos++
+	} else if digits() == 0 {
+		return jsonValue{}, p.errorf("malformed number")
+	}
+	if p.pos < len(p.data) && p.data[p.pos] == '.' {
+		p.pos++
+		if digits() == 0 {
+			return jsonValue{}, p.errorf("malformed number")
+		}
+	}
+	if p.pos < len(p.data) && (p.data[p.pos] == 'e' || p.data[p.pos] == 'E') {
+		p.pos++
+		if p.pos < len(p.data) && (p.data[p.pos] == '+' || p.data[p.pos] == '-') {
+			p.pos++
+		}
+		if digits() == 0 {
+			return jsonValue{}, p.errorf("malformed number")
+		}
+	}
+	return jsonValue{kind: jsonNumber, text: string(p.data[start:p.pos])}, nil
+}
+
+// string parses a quoted string at p.pos, which holds '"'.
+func (p *jsonParser) string() (string, error) {
+	p.pos++
+	start := p.pos
+	// Fast path: no escapes, the common case.
+	for p.pos < len(p.data) {
+		c := p.data[p.pos]
+		if c == '"' {
+			raw := p.data[start:p.pos]
+			if !utf8.Valid(raw) {
+				return "", p.errorf("invalid UTF-8 in a string")
+			}
+			p.pos++
+			return string(raw), nil
+		}
+		if c == '\\' || c < 0x20 {
+			break
+		}
+		p.pos++
+	}
+	buf := append([]byte(nil), p.data[start:p.pos]...)
+	for p.pos < len(p.data) {
+		c := p.data[p.pos]
+		switch {
+		case c == '"':
+			p.pos++
+			if !utf8.Valid(buf) {
+				return "", invalid("the body is not valid JSON: invalid UTF-8 in a string")
+			}
+			return string(buf), nil
+		case c < 0x20:
+			return "", p.errorf("unescaped control character in a string")
+		case c != '\\':
+			buf = append(buf, c)
+			p.pos++
+			continue
+		}
+		p.pos++ // backslash
+		if p.pos >= len(p.data) {
+			break
+		}
+		esc := p.data[p.pos]
+		p.pos++
+		switch esc {
+		case '"', '\\', '/':
+			buf = append(buf, esc)
+		case 'b':
+			buf = append(buf, '\b')
+		case 'f':
+			buf = append(buf, '\f')
+		case 'n':
+			buf = append(buf, '\n')
+		case 'r':
+			buf = append(buf, '\r')
+		case 't':
+			buf = append(buf, '\t')
+		case 'u':
+			r, ok := p.hex4()
+			if !ok {
+				return "", p.errorf("malformed \\u escape")
+			}
+			if utf16.IsSurrogate(r) {
+				var r2 rune = -1
+				if p.pos+1 < len(p.data) && p.data[p.pos] == '\\' && p.data[p.pos+1] == 'u' {
+					p.pos += 2
+					r2, _ = p.hex4()
+				}
+				if r = utf16.DecodeRune(r, r2); r == utf8.RuneError {
+					return "", p.errorf("lone UTF-16 surrogate in a string")
+				}
+			}
+			buf = utf8.AppendRune(buf, r)
+		default:
+			return "", p.errorf("unknown escape in a string")
+		}
+	}
+	return "", p.errorf("")
+}
+
+func (p *jsonParser) hex4() (rune, bool) {
+	if p.pos+4 > len(p.data) {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(string(p.data[p.pos:p.pos+4]), 16, 32)
+	if err != nil {
+		return 0, false
+	}
+	p.pos += 4
+	return rune(n), true
+}

@@ -1,0 +1,553 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// validEntry is a small entry that passes every rule; cases change one thing.
+const validEntry = `{"full_name":"Ada Lovelace","addresses":[{"kind":"home","street_name":"St James's Square","pincode":"SW1Y 4JH","country":"United Kingdom"}],"phone_numbers":[{"kind":"work","country_code":44,"local_number":79460000}],"emails":[{"kind":"home","email":"ada@example.org"}]}`
+
+func TestParseEntryKeepsWhatWasSent(t *testing.T) {
+	tests := []struct {
+		name string
+		body string
+	}{
+		{"only the required field", `{"full_name":"Ada"}`},
+		{"empty lists stay empty", `{"full_name":"Ada","addresses":[],"phone_numbers":[],"fax_numbers":[],"emails":[]}`},
+		{"numbers stay numbers", `{"full_name":"A","addresses":[{"kind":"home","unit_number":1,"street_number":7,"street_name":"s","pincode":110011,"country":"IN"}]}`},
+		{"strings stay strings", `{"full_name":"A","addresses":[{"kind":"work","street_number":"7","street_name":"s","pincode":"110011","country":"IN"}]}`},
+		{"empty optional strings are kept", `{"full_name":"A","addresses":[{"kind":"home","building_name":"","street_name":"s","locality":"","city":"","province":"","pincode":1,"country":"c"}]}`},
+		{"largest int64", `{"full_name":"A","phone_numbers":[{"kind":"home","country_code":999,"area_code":9223372036854775807,"local_number":1}]}`},
+		{"256 characters, counted as characters", `{"full_name":"` + strings.Repeat("é", 256) + `"}`},
+		{"64 items", `{"full_name":"A","emails":[` + strings.TrimSuffix(strings.Repeat(`{"kind":"home","email":"a@b.c"},`, 64), ",") + `]}`},
+		{"the full model", validEntry},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e, err := ParseEntry([]byte(tt.body))
+			if err != nil {
+				t.Fatalf("ParseEntry: %v (%+v)", err, err)
+			}
+			rec, err := NewRecord(e)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := string(rec.JSON); got != tt.body {
+				t.Errorf("stored JSON differs from what was sent\n got %s\nwant %s", got, tt.body)
+			}
+		})
+	}
+}
+
+func TestParseEntryDecodesEscapes(t *testing.T) {
+	e, err := ParseEntry([]byte(`{"full_name":"A\u00e9\ud83d\ude00 \"q\" \\ \/"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "Aé😀 \"q\" \\ /"; e.FullName != want {
+		t.Errorf("full_name = %q, want %q", e.FullName, want)
+	}
+}
+
+// TestParseEntryRejectsInvalidFields checks every validation rule: each case
+// must be a 400-style InvalidError naming exactly these fields.
+func TestParseEntryRejectsInvalidFields(t *testing.T) {
+	addr := func(fields string) string {
+		return `{"full_name":"A","addresses":[{"kind":"home","street_name":"s","pincode":1,"country":"c"},{` + fields + `}]}`
+	}
+	goodAddr := `"kind":"home","street_name":"s","pincode":1,"country":"c"`
+	phone := func(fields string) string { return `{"full_name":"A","fax_numbers":[{` + fields + `}]}` }
+	email := func(value string) string { return `{"full_name":"A","emails":[{"kind":"work","email":` + value + `}]}` }
+	long := strings.Repeat("x", 257)
+	tests := []struct {
+		name string
+		body string
+		want []FieldError
+	}{
+		{"full_name missing", `{}`, []FieldError{{"full_name", "is required"}}},
+		{"full_name blank", `{"full_name":"  "}`, []FieldError{{"full_name", "must not be blank"}}},
+		{"full_name empty", `{"full_name":""}`, []FieldError{{"full_name", "must not be blank"}}},
+		{"full_name too long", `{"full_name":"` + long + `"}`, []FieldError{{"full_name", "must be at most 256 characters"}}},
+		{"full_name a number", `{"full_name":5}`, []FieldError{{"full_name", "must be a string"}}},
+		{"full_name null", `{"full_name":null}`, []FieldError{{"full_name", "must not be null"}}},
+		{"control character", `{"full_name":"A\u0000B"}`, []FieldError{{"full_name", "must not contain control characters"}}},
+		{"escaped newline", `{"full_name":"A\nB"}`, []FieldError{{"full_name", "must not contain control characters"}}},
+		{"C1 control character", `{"full_name":"A\u0085"}`, []FieldError{{"full_name", "must not contain control characters"}}},
+		{"unknown field", `{"full_name":"A","nickname":"a"}`, []FieldError{{"nickname", "is not a known field"}}},
+		{"case variant of a field", `{"full_name":"A","FULL_NAME":"B"}`, []FieldError{{"FULL_NAME", "is not a known field"}}},
+		{"case variant alone", `{"Full_Name":"A"}`, []FieldError{{"Full_Name", "is not a known field"}, {"full_name", "is required"}}},
+		{"duplicate key", `{"full_name":"A","full_name":"B"}`, []FieldError{{"full_name", "is given more than once"}}},
+		{"unknown null field", `{"full_name":"A","x":null}`, []FieldError{{"x", "is not a known field"}}},
+		{"list not a list", `{"full_name":"A","emails":{}}`, []FieldError{{"emails", "must be a list"}}},
+		{"list null", `{"full_name":"A","addresses":null}`, []FieldError{{"addresses", "must not be null"}}},
+		{"list too long", `{"full_name":"A","phone_numbers":[` + strings.TrimSuffix(strings.Repeat(`{"kind":"home","country_code":1,"local_number":1},`, 65), ",") + `]}`, []FieldError{{"phone_numbers", "must have at most 64 items"}}},
+		{"item not an object", `{"full_name":"A","addresses":[1]}`, []FieldError{{"addresses[0]", "must be an object"}}},
+		{"address missing everything", addr(``), []FieldError{{"addresses[1].kind", "is required"}, {"addresses[1].street_name", "is required"}, {"addresses[1].pincode", "is required"}, {"addresses[1].country", "is required"}}},
+		{"address kind not an enum", addr(strings.Replace(goodAddr, `"home"`, `"holiday"`, 1)), []FieldError{{"addresses[1].kind", `must be "home" or "work"`}}},
+		{"address kind in capitals", addr(strings.Replace(goodAddr, `"home"`, `"HOME"`, 1)), []FieldError{{"addresses[1].kind", `must be "home" or "work"`}}},
+		{"unknown address field", addr(goodAddr + `,"zip":"1"`), []FieldError{{"addresses[1].zip", "is not a known field"}}},
+		{"pincode zero", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":0`, 1)), []FieldError{{"addresses[1].pincode", "must be a positive integer or a non-blank string"}}},
+		{"pincode negative", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":-5`, 1)), []FieldError{{"addresses[1].pincode", "must be a positive integer or a non-blank string"}}},
+		{"pincode 7.0", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":7.0`, 1)), []FieldError{{"addresses[1].pincode", "must be a positive integer or a non-blank string"}}},
+		{"pincode 1e2", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":1e2`, 1)), []FieldError{{"addresses[1].pincode", "must be a positive integer or a non-blank string"}}},
+		{"pincode over 64 bits", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":9223372036854775808`, 1)), []FieldError{{"addresses[1].pincode", "must be a positive integer or a non-blank string"}}},
+		{"pincode blank", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":" "`, 1)), []FieldError{{"addresses[1].pincode", "must not be blank"}}},
+		{"pincode boolean", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":true`, 1)), []FieldError{{"addresses[1].pincode", "must be a positive integer or a non-blank string"}}},
+		{"pincode null", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":null`, 1)), []FieldError{{"addresses[1].pincode", "must not be null"}}},
+		{"street_number blank", addr(goodAddr + `,"street_number":""`), []FieldError{{"addresses[1].street_number", "must not be blank"}}},
+		{"street_number an object", addr(goodAddr + `,"street_number":{}`), []FieldError{{"addresses[1].street_number", "must be a positive integer or a non-blank string"}}},
+		{"unit_number text", addr(goodAddr + `,"unit_number":"12"`), []FieldError{{"addresses[1].unit_number", "must be a positive integer"}}},
+		{"unit_number fraction", addr(goodAddr + `,"unit_number":1.5`), []FieldError{{"addresses[1].unit_number", "must be a positive integer"}}},
+		{"street_name blank", addr(strings.Replace(goodAddr, `"street_name":"s"`, `"street_name":"\t"`, 1)), []FieldError{{"addresses[1].street_name", "must not contain control characters"}}},
+		{"country blank", addr(strings.Replace(goodAddr, `"country":"c"`, `"country":"   "`, 1)), []FieldError{{"addresses[1].country", "must not be blank"}}},
+		{"optional string a number", addr(goodAddr + `,"city":5`), []FieldError{{"addresses[1].city", "must be a string"}}},
+		{"optional string too long", addr(goodAddr + `,"locality":"` + long + `"`), []FieldError{{"addresses[1].locality", "must be at most 256 characters"}}},
+		{"optional string null", addr(goodAddr + `,"province":null`), []FieldError{{"addresses[1].province", "must not be null"}}},
+		{"phone missing fields", phone(``), []FieldError{{"fax_numbers[0].kind", "is required"}, {"fax_numbers[0].country_code", "is required"}, {"fax_numbers[0].local_number", "is required"}}},
+		{"country_code 1000", phone(`"kind":"home","country_code":1000,"local_number":1`), []FieldError{{"fax_numbers[0].country_code", "must be an integer from 1 to 999"}}},
+		{"country_code 0", phone(`"kind":"home","country_code":0,"local_number":1`), []FieldError{{"fax_numbers[0].country_code", "must be a positive integer"}}},
+		{"country_code text", phone(`"kind":"home","country_code":"44","local_number":1`), []FieldError{{"fax_numbers[0].country_code", "must be a positive integer"}}},
+		{"area_code negative", phone(`"kind":"home","country_code":1,"area_code":-1,"local_number":1`), []FieldError{{"fax_numbers[0].area_code", "must be a positive integer"}}},
+		{"local_number text", phone(`"kind":"home","country_code":1,"local_number":"555"`), []FieldError{{"fax_numbers[0].local_number", "must be a positive integer"}}},
+		{"email with display name", email(`"Ada <ada@example.org>"`), []FieldError{{"emails[0].email", "must be a bare e-mail address such as ada@example.org"}}},
+		{"email with angle brackets", email(`"<ada@example.org>"`), []FieldError{{"emails[0].email", "must be a bare e-mail address such as ada@example.org"}}},
+		{"email without domain", email(`"ada"`), []FieldError{{"emails[0].email", "must be a bare e-mail address such as ada@example.org"}}},
+		{"email a number", email(`5`), []FieldError{{"emails[0].email", "must be a string"}}},
+		{"email blank", email(`""`), []FieldError{{"emails[0].email", "must not be blank"}}},
+		{"every bad field is reported", `{"full_name":"","addresses":[{"kind":"x","street_name":"s","pincode":1,"country":"c"}],"emails":[{"kind":"home","email":"no"}]}`,
+			[]FieldError{{"full_name", "must not be blank"}, {"addresses[0].kind", `must be "home" or "work"`}, {"emails[0].email", "must be a bare e-mail address such as ada@example.org"}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseEntry([]byte(tt.body))
+			var inv *InvalidError
+			if !errors.As(err, &inv) {
+				t.Fatalf("ParseEntry error = %v, want an *InvalidError", err)
+			}
+			if !slices.Equal(inv.Fields, tt.want) {
+				t.Errorf("fields:\n got %v\nwant %v", inv.Fields, tt.want)
+			}
+		})
+	}
+}
+
+// TestParseEntryRejectsMalformedBodies: bodies that are not one JSON object
+// are refused as a whole, with no field list.
+func TestParseEntryRejectsMalformedBodies(t *testing.T) {
+	tests := []struct {
+		name string
+		body string
+	}{
+		{"empty", ``},
+		{"only spaces", "  \n"},
+		{"null", `null`},
+		{"an array", `[]`},
+		{"a string", `"s"`},
+		{"a number", `5`},
+		{"true", `true`},
+		{"truncated", `{"full_name":"A"`},
+		{"truncated string", `{"full_name":"A`},
+		{"truncated escape", `{"full_name":"A\u00`},
+		{"trailing data", `{"full_name":"A"} x`},
+		{"two objects", `{"full_name":"A"}{"full_name":"B"}`},
+		{"trailing comma", `{"full_name":"A",}`},
+		{"single quotes", `{'full_name':'A'}`},
+		{"unquoted key", `{full_name:"A"}`},
+		{"invalid UTF-8", "{\"full_name\":\"A\xff\"}"},
+		{"invalid UTF-8 after an escape", "{\"full_name\":\"\\n\xc3\"}"},
+		{"lone high surrogate", `{"full_name":"\ud800"}`},
+		{"lone low surrogate", `{"full_name":"\udc00x"}`},
+		{"raw control character", "{\"full_name\":\"A\x01\"}"},
+		{"bad escape", `{"full_name":"\x41"}`},
+		{"bad number", `{"full_name":"A","addresses":[{"pincode":01}]}`},
+		{"bare minus", `{"full_name":-}`},
+		{"NaN", `{"full_name":NaN}`},
+		{"deep nesting", strings.Repeat(`[`, 100000)},
+		{"nested too deep inside an object", `{"full_name":` + strings.Repeat(`[`, 40) + strings.Repeat(`]`, 40) + `}`},
+		{"byte order mark", "\ufeff{\"full_name\":\"A\"}"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := ParseEntry([]byte(tt.body))
+			var inv *InvalidError
+			if !errors.As(err, &inv) {
+				t.Fatalf("ParseEntry error = %v, want an *InvalidError", err)
+			}
+			if len(inv.Fields) != 0 || inv.Detail == "" {
+				t.Errorf("got detail %q and fields %v, want a detail and no fields", inv.Detail, inv.Fields)
+			}
+		})
+	}
+}
+
+// TestSampleEntriesAreValid: the README's and tests' samples obey the rules.
+func TestSampleEntriesAreValid(t *testing.T) {
+	for name, body := range sampleEntries(t) {
+		if _, err := ParseEntry(body); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+func sampleEntries(t testing.TB) map[string][]byte {
+	t.Helper()
+	files, err := filepath.Glob("testdata/*.json")
+	if err != nil || len(files) < 3 {
+		t.Fatalf("want at least three samples in testdata, found %d (%v)", len(files), err)
+	}
+	samples := map[string][]byte{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		samples[f] = bytes.TrimSpace(b)
+	}
+	return samples
+}
+
+func TestParseID(t *testing.T) {
+	tests := []struct {
+		in string
+		ok bool
+	}{
+		{"0123456789abcdef0123456789abcdef", true},
+		{"00000000000000000000000000000000", true},
+		{"0123456789ABCDEF0123456789abcdef", false},
+		{"0123456789abcdef0123456789abcde", false},
+		{"0123456789abcdef0123456789abcdef0", false},
+		{"0123456789abcdeg0123456789abcdef", false},
+		{"../../../../../../../../etc/pass", false},
+		{"", false},
+		{"+123456789abcdef0123456789abcdef", false},
+	}
+	for _, tt := range tests {
+		id, ok := ParseID(tt.in)
+		if ok != tt.ok {
+			t.Errorf("ParseID(%q) ok = %v, want %v", tt.in, ok, tt.ok)
+		}
+		if ok && id.String() != tt.in {
+			t.Errorf("ParseID(%q).String() = %q", tt.in, id.String())
+		}
+	}
+}
+
+func TestIDsSortInCreationOrder(t *testing.T) {
+	var g idGenerator
+	prev := g.next().String()
+	for range 10000 {
+		id := g.next().String()
+		if id <= prev {
+			t.Fatalf("id %s does not sort after %s", id, prev)
+		}
+		if _, ok := ParseID(id); !ok {
+			t.Fatalf("generated id %q does not parse", id)
+		}
+		prev = id
+	}
+}
+
+// TestIDsIncreaseWhenTheClockStepsBack: a clock that stands still or goes
+// back (NTP, a VM resumed) must not break the creation order.
+func TestIDsIncreaseWhenTheClockStepsBack(t *testing.T) {
+	g := idGenerator{last: 1 << 62} // far in the future
+	a, b := g.next(), g.next()
+	if compareIDs(a, b) >= 0 || binary.BigEndian.Uint64(a[:8]) != 1<<62+1 {
+		t.Errorf("ids %s then %s after a clock step back", a, b)
+	}
+}
+
+func TestRecordVersionFollowsContent(t *testing.T) {
+	a, _ := NewRecord(Entry{FullName: "A"})
+	a2, _ := NewRecord(Entry{FullName: "A"})
+	b, _ := NewRecord(Entry{FullName: "B"})
+	if a.Version != a2.Version {
+		t.Errorf("equal content has versions %s and %s", a.Version, a2.Version)
+	}
+	if a.Version == b.Version {
+		t.Errorf("different content shares version %s", a.Version)
+	}
+	if len(a.Version) != 32 {
+		t.Errorf("version %q is not 32 characters", a.Version)
+	}
+}
+
+// ---- the store --------------------------------------------------------------
+
+func newTestService(t testing.TB) (*Service, *MapStore) {
+	t.Helper()
+	store := NewMapStore()
+	return NewService(store, slog.New(slog.NewTextHandler(io.Discard, nil))), store
+}
+
+func mustCreate(t testing.TB, svc *Service, name string) (ID, Record) {
+	t.Helper()
+	id, rec, err := svc.Create(context.Background(), Entry{FullName: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id, rec
+}
+
+func TestServiceOperations(t *testing.T) {
+	ctx := context.Background()
+	svc, _ := newTestService(t)
+	id, rec := mustCreate(t, svc, "Ada")
+
+	got, err := svc.Get(ctx, id)
+	if err != nil || !bytes.Equal(got.JSON, rec.JSON) || got.Version != rec.Version {
+		t.Fatalf("Get = %s %s %v, want %s %s", got.JSON, got.Version, err, rec.JSON, rec.Version)
+	}
+	if _, err := svc.Get(ctx, ID{1}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Get of an unknown id: %v, want ErrNotFound", err)
+	}
+
+	if _, err := svc.Replace(ctx, id, Entry{FullName: "B"}, []string{"stale"}); !errors.Is(err, ErrPreconditionFailed) {
+		t.Errorf("Replace with a stale version: %v, want ErrPreconditionFailed", err)
+	}
+	rec2, err := svc.Replace(ctx, id, Entry{FullName: "B"}, []string{"other", rec.Version})
+	if err != nil {
+		t.Fatalf("Replace with the current version among others: %v", err)
+	}
+	if _, err := svc.Replace(ctx, ID{1}, Entry{FullName: "B"}, []string{"*"}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Replace of an unknown id with If-Match *: %v, want ErrNotFound", err)
+	}
+	if _, err := svc.Replace(ctx, id, Entry{FullName: "C"}, []string{}); !errors.Is(err, ErrPreconditionFailed) {
+		t.Errorf("Replace with an empty tag list: %v, want ErrPreconditionFailed", err)
+	}
+	if err := svc.Delete(ctx, id, []string{rec.Version}); !errors.Is(err, ErrPreconditionFailed) {
+		t.Errorf("Delete with the old version: %v, want ErrPreconditionFailed", err)
+	}
+	if err := svc.Delete(ctx, id, []string{rec2.Version}); err != nil {
+		t.Errorf("Delete with the current version: %v", err)
+	}
+	if err := svc.Delete(ctx, id, nil); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Delete twice: %v, want ErrNotFound", err)
+	}
+}
+
+func TestServiceListPages(t *testing.T) {
+	ctx := context.Background()
+	svc, _ := newTestService(t)
+	var ids []ID
+	for i := range 25 {
+		id, _ := mustCreate(t, svc, fmt.Sprint("n", i))
+		ids = append(ids, id)
+	}
+	svc.Delete(ctx, ids[3], nil)
+	ids = slices.Delete(ids, 3, 4)
+
+	var got []ID
+	after := ID{}
+	for pages := 0; ; pages++ {
+		page, err := svc.List(ctx, after, 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, it := range page.Items {
+			got = append(got, it.ID)
+		}
+		if !page.More {
+			break
+		}
+		if pages > 10 {
+			t.Fatal("paging does not end")
+		}
+		after = page.Items[len(page.Items)-1].ID
+	}
+	if !slices.Equal(got, ids) {
+		t.Errorf("paging gave %d ids, want the %d live ones in order", len(got), len(ids))
+	}
+
+	for _, limit := range []int{0, -1, MaxPageSize + 1} {
+		if _, err := svc.List(ctx, ID{}, limit); err == nil {
+			t.Errorf("List with limit %d: no error", limit)
+		}
+	}
+	page, _ := svc.List(ctx, ids[len(ids)-1], 5)
+	if len(page.Items) != 0 || page.More {
+		t.Errorf("page after the last id: %d items, more=%v", len(page.Items), page.More)
+	}
+}
+
+// TestSortedIDsMatchesASortedSlice drives the chunked index with random
+// inserts and removes and compares it with the obvious implementation.
+func TestSortedIDsMatchesASortedSlice(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	var x sortedIDs
+	var want []ID
+	randomID := func() ID {
+		var id ID
+		id[0], id[1] = byte(rng.IntN(256)), byte(rng.IntN(256))
+		return id
+	}
+	for i := range 20000 {
+		id := randomID()
+		if i%3 == 0 && len(want) > 0 {
+			id = want[rng.IntN(len(want))]
+			x.remove(id)
+			want = slices.DeleteFunc(want, func(v ID) bool { return v == id })
+			continue
+		}
+		x.insert(id)
+		if j, found := slices.BinarySearchFunc(want, id, compareIDs); !found {
+			want = slices.Insert(want, j, id)
+		}
+	}
+	var got []ID
+	x.ascend(ID{}, func(id ID) bool { got = append(got, id); return true })
+	if !slices.Equal(got, want) {
+		t.Fatalf("index holds %d ids, want %d, or order differs", len(got), len(want))
+	}
+	for _, c := range x.chunks {
+		if len(c) == 0 || len(c) > maxChunk {
+			t.Fatalf("chunk of %d ids", len(c))
+		}
+	}
+	// ascend from a point inside the list
+	start := want[len(want)/2]
+	got = got[:0]
+	x.ascend(start, func(id ID) bool { got = append(got, id); return len(got) < 10 })
+	if !slices.Equal(got, want[len(want)/2+1:len(want)/2+11]) {
+		t.Errorf("ascend from the middle: %v", got)
+	}
+}
+
+func TestClosedStoreRefusesChanges(t *testing.T) {
+	ctx := context.Background()
+	svc, store := newTestService(t)
+	id, _ := mustCreate(t, svc, "Ada")
+	store.Close()
+	if _, _, err := svc.Create(ctx, Entry{FullName: "B"}); err == nil {
+		t.Error("Create after Close succeeded")
+	}
+	if _, err := svc.Replace(ctx, id, Entry{FullName: "B"}, nil); err == nil {
+		t.Error("Replace after Close succeeded")
+	}
+	if err := svc.Delete(ctx, id, nil); err == nil {
+		t.Error("Delete after Close succeeded")
+	}
+	if _, err := svc.Get(ctx, id); err != nil {
+		t.Errorf("Get after Close: %v", err)
+	}
+}
+
+// TestConcurrentConditionalReplaceHasOneWinner: of many writers holding the
+// same version, exactly one replaces it; the rest see a failed precondition.
+func TestConcurrentConditionalReplaceHasOneWinner(t *testing.T) {
+	ctx := context.Background()
+	svc, _ := newTestService(t)
+	id, rec := mustCreate(t, svc, "Ada")
+	const writers = 32
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for i := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := svc.Replace(ctx, id, Entry{FullName: fmt.Sprint("writer ", i)}, []string{rec.Version})
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	wins := 0
+	for err := range errs {
+		switch {
+		case err == nil:
+			wins++
+		case !errors.Is(err, ErrPreconditionFailed):
+			t.Errorf("unexpected error %v", err)
+		}
+	}
+	if wins != 1 {
+		t.Errorf("%d writers won, want exactly 1", wins)
+	}
+}
+
+// TestConcurrentUse mixes every operation under -race.
+func TestConcurrentUse(t *testing.T) {
+	ctx := context.Background()
+	svc, _ := newTestService(t)
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 200 {
+				id, _ := mustCreate(t, svc, fmt.Sprint(w, "-", i))
+				if _, err := svc.Get(ctx, id); err != nil {
+					t.Error(err)
+				}
+				if _, err := svc.List(ctx, ID{}, 10); err != nil {
+					t.Error(err)
+				}
+				if _, err := svc.Replace(ctx, id, Entry{FullName: "x"}, nil); err != nil {
+					t.Error(err)
+				}
+				if i%2 == 0 {
+					if err := svc.Delete(ctx, id, nil); err != nil {
+						t.Error(err)
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	page, _ := svc.List(ctx, ID{}, MaxPageSize)
+	if len(page.Items) != 800 {
+		t.Errorf("%d entries left, want 800", len(page.Items))
+	}
+}
+
+// FuzzParseEntry: whatever the input, ParseEntry does not panic, and what it
+// accepts encodes to JSON that it accepts again unchanged.
+func FuzzParseEntry(f *testing.F) {
+	f.Add([]byte(validEntry))
+	for _, b := range sampleEntries(f) {
+		f.Add(b)
+	}
+	for _, s := range []string{``, `null`, `{}`, `{"full_name":"\ud800"}`, `{"full_name":"A","full_name":"B"}`,
+		`{"FULL_NAME":"A"}`, `{"full_name":"A","addresses":[{"pincode":7.0}]}`, "{\"full_name\":\"\xff\"}", `[[[[[[`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		e, err := ParseEntry(data)
+		if err != nil {
+			var inv *InvalidError
+			if !errors.As(err, &inv) {
+				t.Fatalf("error %v is not an *InvalidError", err)
+			}
+			return
+		}
+		rec, err := NewRecord(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e2, err := ParseEntry(rec.JSON)
+		if err != nil {
+			t.Fatalf("stored JSON %s does not parse again: %v", rec.JSON, err)
+		}
+		rec2, _ := NewRecord(e2)
+		if !bytes.Equal(rec.JSON, rec2.JSON) {
+			t.Fatalf("round trip changed the entry:\n%s\n%s", rec.JSON, rec2.JSON)
+		}
+		if !json.Valid(rec.JSON) {
+			t.Fatalf("stored JSON is not valid: %s", rec.JSON)
+		}
+	})
+}
