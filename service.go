@@ -643,12 +643,20 @@ func (p *jsonParser) literal(word string) bool {
 	return false
 }
 
+// consume skips c if it is next.
+func (p *jsonParser) consume(c byte) bool {
+	if p.pos < len(p.data) && p.data[p.pos] == c {
+		p.pos++
+		return true
+	}
+	return false
+}
+
 func (p *jsonParser) object(depth int) (jsonValue, error) {
 	v := jsonValue{kind: jsonObject}
 	p.pos++ // {
 	p.space()
-	if p.pos < len(p.data) && p.data[p.pos] == '}' {
-		p.pos++
+	if p.consume('}') {
 		return v, nil
 	}
 	for {
@@ -660,10 +668,9 @@ func (p *jsonParser) object(depth int) (jsonValue, error) {
 			return v, err
 		}
 		p.space()
-		if p.pos >= len(p.data) || p.data[p.pos] != ':' {
+		if !p.consume(':') {
 			return v, p.errorf("expected ':'")
 		}
-		p.pos++
 		p.space()
 		val, err := p.value(depth + 1)
 		if err != nil {
@@ -671,16 +678,14 @@ func (p *jsonParser) object(depth int) (jsonValue, error) {
 		}
 		v.members = append(v.members, jsonMember{key: key, value: val})
 		p.space()
-		if p.pos < len(p.data) && p.data[p.pos] == ',' {
-			p.pos++
+		switch {
+		case p.consume(','):
 			p.space()
-			continue
-		}
-		if p.pos < len(p.data) && p.data[p.pos] == '}' {
-			p.pos++
+		case p.consume('}'):
 			return v, nil
+		default:
+			return v, p.errorf("expected ',' or '}'")
 		}
-		return v, p.errorf("expected ',' or '}'")
 	}
 }
 
@@ -688,8 +693,7 @@ func (p *jsonParser) array(depth int) (jsonValue, error) {
 	v := jsonValue{kind: jsonArray, items: []jsonValue{}}
 	p.pos++ // [
 	p.space()
-	if p.pos < len(p.data) && p.data[p.pos] == ']' {
-		p.pos++
+	if p.consume(']') {
 		return v, nil
 	}
 	for {
@@ -699,16 +703,14 @@ func (p *jsonParser) array(depth int) (jsonValue, error) {
 		}
 		v.items = append(v.items, item)
 		p.space()
-		if p.pos < len(p.data) && p.data[p.pos] == ',' {
-			p.pos++
+		switch {
+		case p.consume(','):
 			p.space()
-			continue
-		}
-		if p.pos < len(p.data) && p.data[p.pos] == ']' {
-			p.pos++
+		case p.consume(']'):
 			return v, nil
+		default:
+			return v, p.errorf("expected ',' or ']'")
 		}
-		return v, p.errorf("expected ',' or ']'")
 	}
 }
 
