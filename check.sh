@@ -125,6 +125,33 @@ check_e2e() {
 	[[ $status == 0 ]] || { echo "exit status $status after SIGTERM, want 0"; cat "$tmp/log"; return 1; }
 	grep -q 'msg=stopped' "$tmp/log" || { echo "no stopped line in the log"; return 1; }
 
+	echo "SIGTERM lets an in-flight request finish, then exits 0"
+	printf '{"full_name":"Slow Upload"}%3000s' "" >"$tmp/slow.json"
+	e2e_start
+	curl -s -o /dev/null -w '%{http_code}' --limit-rate 1k --json @"$tmp/slow.json" "http://$addr/addresses" >"$tmp/slow.status" &
+	local curl_pid=$!
+	sleep 0.5
+	kill -TERM "$pid"
+	sleep 0.5
+	kill -0 "$pid" 2>/dev/null || { echo "exited with a request in flight"; return 1; }
+	wait "$curl_pid" || true
+	[[ $(cat "$tmp/slow.status") == 201 ]] || { echo "in-flight request got $(cat "$tmp/slow.status"), want 201"; return 1; }
+	status=0; wait "$pid" || status=$?
+	[[ $status == 0 ]] || { echo "exit status $status, want 0"; return 1; }
+
+	echo "a second signal exits at once"
+	printf '{"full_name":"Slower Upload"}%30000s' "" >"$tmp/slow.json"
+	e2e_start
+	curl -s -o /dev/null --limit-rate 1k --json @"$tmp/slow.json" "http://$addr/addresses" &
+	curl_pid=$!
+	sleep 0.5
+	kill -TERM "$pid"
+	sleep 0.3
+	kill -TERM "$pid"
+	status=0; wait "$pid" || status=$?
+	kill "$curl_pid" 2>/dev/null || true
+	[[ $status == 143 ]] || { echo "exit status $status after two signals, want 143 (killed by SIGTERM)"; return 1; }
+
 	echo "a bad flag exits 2 with one line on stderr"
 	status=0; "$bin" -max-body lots >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] || { echo "status $status, stderr:"; cat "$tmp/err"; return 1; }

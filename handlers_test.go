@@ -805,3 +805,310 @@ func TestRunFailsWhenThePortIsTaken(t *testing.T) {
 		t.Fatalf("run on a taken port = %v, want a start error (exit status 1)", err)
 	}
 }
+
+// ---- operations: logs, panics, timeouts, shutdown ------------------------------
+
+// newPanickyServer serves the real routes and middleware plus a route that panics.
+func newPanickyServer(t *testing.T, logs io.Writer, format string) *httptest.Server {
+	t.Helper()
+	log := newLogger(logs, format, slog.LevelInfo)
+	ready := new(atomic.Bool)
+	ready.Store(true)
+	mux := http.NewServeMux()
+	addRoutes(mux, log, NewService(NewMapStore(), log), handlerConfig{maxBody: testMaxBody, ready: ready})
+	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) { panic("boom at the handler") })
+	mux.HandleFunc("GET /panic-late", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("partial"))
+		panic("boom after the response began")
+	})
+	srv := httptest.NewServer(withMiddleware(log, mux))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func TestPanicBecomesA500AndServingGoesOn(t *testing.T) {
+	logs := &syncBuffer{}
+	srv := newPanickyServer(t, logs, "json")
+	s := &testServer{Server: srv}
+
+	p := checkProblem(t, s.do(t, request{method: "GET", path: "/panic"}), 500, "/panic")
+	if strings.Contains(p.Detail, "boom") {
+		t.Errorf("the panic value leaks into the body: %q", p.Detail)
+	}
+	// Once the response has begun, a 500 can no longer be sent: the
+	// connection is cut so the client cannot take a partial body for a whole one.
+	if res, err := noDecompression.Get(srv.URL + "/panic-late"); err == nil {
+		_, err = io.ReadAll(res.Body)
+		res.Body.Close()
+		if err == nil {
+			t.Error("a panic after the response began gave the client a clean response")
+		}
+	}
+	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 {
+		t.Errorf("after panics, healthz: %d", res.status)
+	}
+
+	var panics, requests int
+	for _, rec := range logRecords(t, logs.String()) {
+		switch rec["msg"] {
+		case "panic in handler":
+			panics++
+			stack, _ := rec["stack"].(string)
+			if !strings.Contains(stack, "goroutine") || !strings.Contains(stack, "handlers_test.go") || rec["request_id"] == nil {
+				t.Errorf("panic record lacks a stack or request id: %v", rec)
+			}
+		case "request":
+			if rec["path"] == "/panic" {
+				requests++
+				if rec["status"] != 500.0 || rec["level"] != "ERROR" {
+					t.Errorf("panic request logged as %v at %v", rec["status"], rec["level"])
+				}
+			}
+		}
+	}
+	// The client may retry the cut GET, so /panic-late can panic more than once.
+	if panics < 2 || requests != 1 {
+		t.Errorf("%d panic records and %d request records for /panic, want at least 2 and 1", panics, requests)
+	}
+}
+
+// TestRequestLogLine checks the one canonical line per request in JSON.
+func TestRequestLogLine(t *testing.T) {
+	logs := &syncBuffer{}
+	srv := newPanickyServer(t, logs, "json")
+	s := &testServer{Server: srv}
+	id, _ := s.create(t, validEntry)
+	tests := []struct {
+		req    request
+		route  string
+		status int
+		level  string
+	}{
+		{request{method: "GET", path: "/addresses/" + id, header: map[string]string{"X-Request-ID": "req-get"}}, "GET /addresses/{id}", 200, "INFO"},
+		{request{method: "GET", path: "/addresses/" + id + "x", header: map[string]string{"X-Request-ID": "req-404"}}, "GET /addresses/{id}", 404, "WARN"},
+		{request{method: "PATCH", path: "/healthz", header: map[string]string{"X-Request-ID": "req-405"}}, "", 405, "WARN"},
+		{request{method: "GET", path: "/panic", header: map[string]string{"X-Request-ID": "req-500"}}, "GET /panic", 500, "ERROR"},
+	}
+	for _, tt := range tests {
+		res := s.do(t, tt.req)
+		var rec map[string]any
+		for _, r := range logRecords(t, logs.String()) {
+			if r["msg"] == "request" && r["request_id"] == tt.req.header["X-Request-ID"] {
+				rec = r
+			}
+		}
+		if rec == nil {
+			t.Errorf("%s %s: no request line", tt.req.method, tt.req.path)
+			continue
+		}
+		want := map[string]any{"level": tt.level, "method": tt.req.method, "path": tt.req.path, "route": tt.route,
+			"status": float64(tt.status), "bytes": float64(len(res.body))}
+		for k, v := range want {
+			if rec[k] != v {
+				t.Errorf("%s %s: %s = %v, want %v", tt.req.method, tt.req.path, k, rec[k], v)
+			}
+		}
+		if d, ok := rec["duration"].(float64); !ok || d <= 0 {
+			t.Errorf("duration %v", rec["duration"])
+		}
+		if remote, _ := rec["remote"].(string); !strings.HasPrefix(remote, "127.0.0.1:") {
+			t.Errorf("remote %q", remote)
+		}
+	}
+}
+
+// TestLogLinesCannotBeForged: whatever a client puts in a path, each request
+// is exactly one line in either format.
+func TestLogLinesCannotBeForged(t *testing.T) {
+	for _, format := range []string{"text", "json"} {
+		t.Run(format, func(t *testing.T) {
+			logs := &syncBuffer{}
+			s := &testServer{Server: newPanickyServer(t, logs, format)}
+			paths := []string{"/x%0Alevel=ERROR%20msg=forged", "/x%0D%0A%7B%22msg%22:%22forged%22%7D", "/a%22b%5Cc"}
+			for _, p := range paths {
+				s.do(t, request{method: "GET", path: p})
+			}
+			lines := strings.Split(strings.TrimSpace(logs.String()), "\n")
+			if len(lines) != len(paths) {
+				t.Fatalf("%d requests made %d lines:\n%s", len(paths), len(lines), logs.String())
+			}
+			for _, line := range lines {
+				if !strings.HasPrefix(line, "time=") && !strings.HasPrefix(line, `{"time":`) {
+					t.Errorf("line does not start a record: %q", line)
+				}
+			}
+		})
+	}
+}
+
+func TestTextLogFormat(t *testing.T) {
+	logs := &syncBuffer{}
+	s := &testServer{Server: newPanickyServer(t, logs, "text")}
+	s.do(t, request{method: "GET", path: "/healthz", header: map[string]string{"X-Request-ID": "abc-123"}})
+	line := strings.TrimSpace(logs.String())
+	pattern := `^time=\S+ level=INFO msg=request method=GET path=/healthz route="GET /healthz" status=200 bytes=15 duration=\S+ remote=127\.0\.0\.1:\d+ request_id=abc-123$`
+	if !regexp.MustCompile(pattern).MatchString(line) {
+		t.Errorf("text line\n%s\ndoes not match\n%s", line, pattern)
+	}
+}
+
+// TestServiceLogsCarryTheRequestID: records the service logs with the
+// request's context name the request.
+func TestServiceLogsCarryTheRequestID(t *testing.T) {
+	s := newTestServer(t) // logs at debug level
+	s.do(t, request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"X-Request-ID": "trace-me"}})
+	found := false
+	for _, rec := range logRecords(t, s.logs.String()) {
+		if rec["msg"] == "entry created" {
+			found = rec["request_id"] == "trace-me"
+		}
+	}
+	if !found {
+		t.Errorf("no service record with request_id trace-me:\n%s", s.logs.String())
+	}
+}
+
+func TestLogLevelFiltersRequestLines(t *testing.T) {
+	// At warn the starting line is not logged, so the test picks the port.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	var logs syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-addr", addr, "-log-level", "warn", "-log-format", "json"}, func(string) string { return "" }, &logs, io.Discard)
+	}()
+	p := &program{addr: addr}
+	for i := 0; ; i++ {
+		if conn, err := net.Dial("tcp", addr); err == nil {
+			conn.Close()
+			break
+		}
+		if i == 500 {
+			t.Fatal("not serving after 5s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	p.get(t, "/healthz")
+	p.get(t, "/nope")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var paths []string
+	for _, rec := range logRecords(t, logs.String()) {
+		if rec["msg"] == "request" {
+			paths = append(paths, rec["path"].(string))
+		}
+	}
+	if fmt.Sprint(paths) != "[/nope]" {
+		t.Errorf("request lines at -log-level warn: %v, want only the 404", paths)
+	}
+}
+
+// TestSlowHeaderClientIsCutOff: a client that never finishes its headers is
+// disconnected at ReadHeaderTimeout while others are served.
+func TestSlowHeaderClientIsCutOff(t *testing.T) {
+	cfg, err := parseConfig([]string{"-addr", "127.0.0.1:0", "-log-format", "json"}, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.timeouts.readHeader = 300 * time.Millisecond
+	p := startProgram(t, func(ctx context.Context, logs, _ io.Writer) error { return serve(ctx, cfg, logs) })
+
+	conn, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	start := time.Now()
+	conn.Write([]byte("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "))
+	if res := p.get(t, "/healthz"); res.StatusCode != 200 {
+		t.Errorf("another client: %d", res.StatusCode)
+	}
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.Copy(io.Discard, conn) // returns when the server closes the connection
+	if took := time.Since(start); took < 250*time.Millisecond || took > 3*time.Second {
+		t.Errorf("slow client cut off after %v, want about 300ms", took)
+	}
+}
+
+// TestShutdownDrainsInFlightRequests: after the signal, new connections are
+// refused while a request already in flight completes.
+func TestShutdownDrainsInFlightRequests(t *testing.T) {
+	p := startRun(t, nil)
+	body, write := io.Pipe()
+	result := make(chan int, 1)
+	go func() {
+		res, err := http.Post("http://"+p.addr+"/addresses", "application/json", body)
+		if err != nil {
+			result <- 0
+			return
+		}
+		res.Body.Close()
+		result <- res.StatusCode
+	}()
+	write.Write([]byte(validEntry[:20]))
+	time.Sleep(200 * time.Millisecond) // the request is now in its handler, reading the body
+
+	p.cancel()
+	waitRefused(t, p.addr)
+	select {
+	case <-p.done:
+		t.Fatal("run returned with a request in flight")
+	default:
+	}
+	write.Write([]byte(validEntry[20:]))
+	write.Close()
+	if st := <-result; st != http.StatusCreated {
+		t.Errorf("in-flight request: status %d, want 201", st)
+	}
+	if err := p.stop(t); err != nil {
+		t.Errorf("run = %v, want nil", err)
+	}
+}
+
+// TestShutdownTimeoutCutsStragglers: a request still running at
+// -shutdown-timeout is cut off and run still returns cleanly.
+func TestShutdownTimeoutCutsStragglers(t *testing.T) {
+	p := startRun(t, nil, "-shutdown-timeout", "200ms")
+	body, write := io.Pipe()
+	defer write.Close()
+	go func() {
+		res, err := http.Post("http://"+p.addr+"/addresses", "application/json", body)
+		if err == nil {
+			res.Body.Close()
+		}
+	}()
+	write.Write([]byte(`{"full_name":`))
+	time.Sleep(100 * time.Millisecond)
+	start := time.Now()
+	if err := p.stop(t); err != nil {
+		t.Errorf("run = %v, want nil", err)
+	}
+	if took := time.Since(start); took < 150*time.Millisecond || took > 3*time.Second {
+		t.Errorf("stopped after %v, want about the 200ms timeout", took)
+	}
+	if !strings.Contains(p.logs.String(), "did not finish in time") {
+		t.Errorf("no warning about the cut requests:\n%s", p.logs.String())
+	}
+}
+
+// waitRefused waits until addr no longer accepts connections.
+func waitRefused(t *testing.T, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			return
+		}
+		conn.Close()
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatal("still accepting connections 5s after shutdown began")
+}

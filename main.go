@@ -236,6 +236,9 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 
 // openStore returns the store the configuration asks for.
 func openStore(dataDir string) (Store, error) {
+	if dataDir != "" {
+		return nil, errors.New("-data: persistence is not built yet")
+	}
 	return NewMapStore(), nil
 }
 
