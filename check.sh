@@ -152,6 +152,22 @@ check_e2e() {
 	kill "$curl_pid" 2>/dev/null || true
 	[[ $status == 143 ]] || { echo "exit status $status after two signals, want 143 (killed by SIGTERM)"; return 1; }
 
+	echo "-data: an acknowledged entry survives kill -9, with its ETag"
+	e2e_start -data "$tmp/data"
+	local loc etag
+	loc=$(curl -s -o /dev/null -w '%header{location}' --json @testdata/ada-lovelace.json "http://$addr/addresses")
+	etag=$(curl -s -o /dev/null -w '%header{etag}' "http://$addr$loc")
+	kill -9 "$pid"; wait "$pid" 2>/dev/null || true
+	e2e_start -data "$tmp/data"
+	[[ $(curl -s "http://$addr$loc") == "$(cat testdata/ada-lovelace.json)" ]] || { echo "entry lost or changed after kill -9"; return 1; }
+	[[ $(curl -s -o /dev/null -w '%header{etag}' "http://$addr$loc") == "$etag" ]] || { echo "ETag changed across the restart"; return 1; }
+	status=0; "$bin" -addr 127.0.0.1:0 -data "$tmp/data" >/dev/null 2>"$tmp/err" || status=$?
+	[[ $status == 1 ]] && grep -q "in use by another process" "$tmp/err" || { echo "second process on the data directory: status $status"; cat "$tmp/err"; return 1; }
+	kill -TERM "$pid"; wait "$pid" || true
+	echo '{"full_name":' >"$tmp/data/0123456789abcdef0123456789abcdef.json"
+	status=0; "$bin" -addr 127.0.0.1:0 -data "$tmp/data" >/dev/null 2>"$tmp/err" || status=$?
+	[[ $status == 1 ]] && grep -q "0123456789abcdef0123456789abcdef.json" "$tmp/err" || { echo "corrupt file: status $status"; cat "$tmp/err"; return 1; }
+
 	echo "a bad flag exits 2 with one line on stderr"
 	status=0; "$bin" -max-body lots >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] || { echo "status $status, stderr:"; cat "$tmp/err"; return 1; }

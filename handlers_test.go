@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"compress/gzip"
 	"context"
@@ -9,13 +10,19 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -33,11 +40,17 @@ type testServer struct {
 // for inspection.
 func newTestServer(t *testing.T) *testServer {
 	t.Helper()
+	return newTestServerOn(t, NewMapStore())
+}
+
+// newTestServerOn is newTestServer with the given store.
+func newTestServerOn(t *testing.T, store Store) *testServer {
+	t.Helper()
 	logs := &syncBuffer{}
 	log := newLogger(logs, "json", slog.LevelDebug)
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	svc := NewService(NewMapStore(), log)
+	svc := NewService(store, log)
 	srv := httptest.NewServer(newHandler(log, svc, handlerConfig{maxBody: testMaxBody, ready: ready}))
 	t.Cleanup(srv.Close)
 	return &testServer{Server: srv, logs: logs, ready: ready}
@@ -1111,4 +1124,313 @@ func waitRefused(t *testing.T, addr string) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Fatal("still accepting connections 5s after shutdown began")
+}
+
+// ---- durability: -data --------------------------------------------------------------
+
+// TestIDsNeverReachTheFileSystemUnvalidated: ids that try to leave the data
+// directory are answered 404 and touch nothing.
+func TestIDsNeverReachTheFileSystemUnvalidated(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, "data")
+	store, err := OpenMapStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	s := newTestServerOn(t, store)
+	victim := filepath.Join(root, "victim.json")
+	os.WriteFile(victim, []byte(validEntry), 0o600)
+	paths := []string{"/addresses/..%2Fvictim", "/addresses/..%2F..%2Fvictim", "/addresses/%2e%2e", "/addresses/a%2Fb",
+		"/addresses/%2e%2e%2fvictim", "/addresses/..%5Cvictim", "/addresses/" + strings.Repeat("a", 31) + "%00"}
+	for _, p := range paths {
+		for _, method := range []string{"GET", "PUT", "DELETE"} {
+			body := ""
+			if method == "PUT" {
+				body = validEntry
+			}
+			res := s.do(t, request{method: method, path: p, body: body})
+			if res.status != http.StatusNotFound {
+				t.Errorf("%s %s: %d, want 404", method, p, res.status)
+			}
+		}
+	}
+	if b, err := os.ReadFile(victim); err != nil || string(b) != validEntry {
+		t.Errorf("the file outside the data directory changed: %v", err)
+	}
+	if got := dirFiles(t, dir); len(got) != 1 {
+		t.Errorf("data directory holds %v, want only .lock", got)
+	}
+	if got := dirFiles(t, root); len(got) != 2 {
+		t.Errorf("parent directory holds %v", got)
+	}
+}
+
+// TestFailedDiskWriteIsA500: the client learns nothing was stored, and
+// nothing internal leaks.
+func TestFailedDiskWriteIsA500(t *testing.T) {
+	store, err := OpenMapStore(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	s := newTestServerOn(t, store)
+	store.files.writeFile = func(*os.File, []byte) error { return syscall.ENOSPC }
+	p := checkProblem(t, s.do(t, request{method: "POST", path: "/addresses", body: validEntry}), 500, "/addresses")
+	if strings.Contains(p.Detail, "space") || strings.Contains(p.Detail, "tmp") {
+		t.Errorf("detail leaks the cause: %q", p.Detail)
+	}
+	if !strings.Contains(s.logs.String(), "no space left on device") {
+		t.Errorf("the log lacks the cause:\n%s", s.logs.String())
+	}
+	if res := s.do(t, request{method: "GET", path: "/addresses"}); string(res.body) != "{}" {
+		t.Errorf("after a failed create the book holds %s", res.body)
+	}
+}
+
+// TestHelperProcess is not a test on its own: the crash test runs the test
+// binary again with ADDRSERVICE_CRASH_HELPER=1, and then this is the server,
+// configured from the environment as the real binary would be.
+func TestHelperProcess(t *testing.T) {
+	if os.Getenv("ADDRSERVICE_CRASH_HELPER") != "1" {
+		t.Skip("runs only as the crash test's child")
+	}
+	err := run(context.Background(), []string{"-addr", "127.0.0.1:0", "-log-format", "json"}, os.Getenv, os.Stdout, os.Stderr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// crashChild is the server running in a child process on a data directory.
+type crashChild struct {
+	cmd  *exec.Cmd
+	base string
+}
+
+func startCrashChild(t *testing.T, dir string) *crashChild {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$")
+	cmd.Env = append(os.Environ(), "ADDRSERVICE_CRASH_HELPER=1", "ADDRSERVICE_DATA="+dir)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(out)
+	for lines.Scan() {
+		var rec map[string]any
+		if json.Unmarshal(lines.Bytes(), &rec) == nil && rec["msg"] == "starting" {
+			go io.Copy(io.Discard, out) // keep the child's log pipe flowing
+			return &crashChild{cmd: cmd, base: "http://" + rec["addr"].(string)}
+		}
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	t.Fatalf("the child did not start")
+	return nil
+}
+
+// crashEntry is what a writer knows of one entry: the body last acknowledged
+// ("" once deleted) and the change in flight when the server died, if any.
+type crashEntry struct {
+	acked, ackedETag string
+	pending          *string
+}
+
+// crashWriter owns its entries, so each has at most one change in flight.
+type crashWriter struct {
+	entries        map[string]*crashEntry
+	pendingCreate  *string
+	rng            *rand.Rand
+	ops, failedOps int
+}
+
+// step makes one change and records it; it returns false once the server is gone.
+func (w *crashWriter) step(client *http.Client, base string, n int) bool {
+	var live []string
+	for id, e := range w.entries {
+		if e.acked != "" {
+			live = append(live, id)
+		}
+	}
+	slices.Sort(live)
+	body := strings.Replace(validEntry, "Ada Lovelace", fmt.Sprintf("writer op %d", n), 1)
+	var req *http.Request
+	var target *crashEntry
+	switch op := w.rng.IntN(10); {
+	case len(live) < 3 || op < 4:
+		w.pendingCreate = &body
+		req, _ = http.NewRequest("POST", base+"/addresses", strings.NewReader(body))
+	case op < 8:
+		id := live[w.rng.IntN(len(live))]
+		target = w.entries[id]
+		target.pending = &body
+		req, _ = http.NewRequest("PUT", base+"/addresses/"+id, strings.NewReader(body))
+	default:
+		id := live[w.rng.IntN(len(live))]
+		target = w.entries[id]
+		deleted := ""
+		target.pending = &deleted
+		req, _ = http.NewRequest("DELETE", base+"/addresses/"+id, nil)
+	}
+	res, err := client.Do(req)
+	if err != nil {
+		return false // the server died; the change is in doubt
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	switch {
+	case res.StatusCode == http.StatusCreated:
+		id := strings.TrimPrefix(res.Header.Get("Location"), "/addresses/")
+		w.entries[id] = &crashEntry{acked: body, ackedETag: res.Header.Get("ETag")}
+		w.pendingCreate = nil
+	case res.StatusCode == http.StatusNoContent:
+		target.acked, target.ackedETag, target.pending = *target.pending, res.Header.Get("ETag"), nil
+	default:
+		w.failedOps++
+		return false
+	}
+	w.ops++
+	return true
+}
+
+// TestKillNineLosesNoAcknowledgedChange kills the server with SIGKILL at
+// random moments under concurrent writes, restarts it on the same directory,
+// and checks that every acknowledged change is there exactly (with its ETag),
+// that changes in flight are either fully there or not at all, and that no
+// temporary file survives a start.
+func TestKillNineLosesNoAcknowledgedChange(t *testing.T) {
+	rounds := 12
+	if testing.Short() {
+		rounds = 3
+	}
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 1))
+	dir := t.TempDir()
+	writers := make([]*crashWriter, 6)
+	for i := range writers {
+		writers[i] = &crashWriter{entries: map[string]*crashEntry{}, rng: rand.New(rand.NewPCG(seed, uint64(i)+2))}
+	}
+	acknowledged := 0
+	for round := 0; round <= rounds; round++ {
+		child := startCrashChild(t, dir)
+		for _, name := range dirFiles(t, dir) {
+			if strings.HasPrefix(name, ".tmp-") {
+				t.Errorf("round %d: temporary file %s survived the start", round, name)
+			}
+		}
+		checkAfterCrash(t, round, child.base, writers)
+		if round == rounds {
+			child.cmd.Process.Kill()
+			child.cmd.Wait()
+			break
+		}
+
+		var wg sync.WaitGroup
+		for i, w := range writers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				client := &http.Client{Transport: &http.Transport{}}
+				for n := 0; w.step(client, child.base, round*100000+i*10000+n); n++ {
+				}
+			}()
+		}
+		time.Sleep(time.Duration(20+rng.IntN(150)) * time.Millisecond)
+		child.cmd.Process.Kill() // SIGKILL: no shutdown, no flush
+		child.cmd.Wait()
+		wg.Wait()
+		for _, w := range writers {
+			if w.failedOps > 0 {
+				t.Fatalf("a write was refused with a status other than success: %d", w.failedOps)
+			}
+			acknowledged += w.ops
+			w.ops = 0
+		}
+	}
+	t.Logf("%d rounds, %d acknowledged changes checked", rounds, acknowledged)
+	if acknowledged < rounds {
+		t.Errorf("only %d changes were acknowledged; the test did not exercise the store", acknowledged)
+	}
+}
+
+// checkAfterCrash compares the restarted server with what the writers know,
+// then settles the changes that were in doubt.
+func checkAfterCrash(t *testing.T, round int, base string, writers []*crashWriter) {
+	t.Helper()
+	stored := map[string]string{}
+	next := base + "/addresses?limit=1000"
+	for next != "" {
+		res, err := http.Get(next)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var page map[string]json.RawMessage
+		err = json.NewDecoder(res.Body).Decode(&page)
+		res.Body.Close()
+		if err != nil {
+			t.Fatalf("round %d: listing: %v", round, err)
+		}
+		for id, body := range page {
+			stored[id] = string(body)
+		}
+		next = ""
+		if m := regexp.MustCompile(`<([^>]+)>`).FindStringSubmatch(res.Header.Get("Link")); m != nil {
+			next = base + m[1]
+		}
+	}
+	for wi, w := range writers {
+		for id, e := range w.entries {
+			got := stored[id]
+			delete(stored, id)
+			switch {
+			case got == e.acked:
+				if got != "" {
+					res, err := http.Get(base + "/addresses/" + id)
+					if err != nil {
+						t.Fatal(err)
+					}
+					res.Body.Close()
+					if res.Header.Get("ETag") != e.ackedETag {
+						t.Errorf("round %d: %s: ETag %s after restart, was %s", round, id, res.Header.Get("ETag"), e.ackedETag)
+					}
+				}
+			case e.pending != nil && got == *e.pending:
+				e.acked = got // the change in flight made it; settle it
+				e.ackedETag = ""
+				if got != "" {
+					res, _ := http.Get(base + "/addresses/" + id)
+					res.Body.Close()
+					e.ackedETag = res.Header.Get("ETag")
+				}
+			default:
+				t.Errorf("round %d: writer %d, entry %s holds %q, want the acknowledged %q", round, wi, id, got, e.acked)
+			}
+			e.pending = nil
+		}
+	}
+	for id, body := range stored { // only a create in flight may have left an entry nobody knows
+		adopted := false
+		for _, w := range writers {
+			if w.pendingCreate != nil && *w.pendingCreate == body {
+				res, _ := http.Get(base + "/addresses/" + id)
+				res.Body.Close()
+				w.entries[id] = &crashEntry{acked: body, ackedETag: res.Header.Get("ETag")}
+				w.pendingCreate, adopted = nil, true
+				break
+			}
+		}
+		if !adopted {
+			t.Errorf("round %d: entry %s = %s was never written", round, id, body)
+		}
+	}
+	for _, w := range writers {
+		w.pendingCreate = nil
+	}
 }

@@ -236,10 +236,10 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 
 // openStore returns the store the configuration asks for.
 func openStore(dataDir string) (Store, error) {
-	if dataDir != "" {
-		return nil, errors.New("-data: persistence is not built yet")
+	if dataDir == "" {
+		return NewMapStore(), nil
 	}
-	return NewMapStore(), nil
+	return OpenMapStore(dataDir)
 }
 
 // newLogger returns a logger whose records carry the request id of the

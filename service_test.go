@@ -12,9 +12,11 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -550,4 +552,345 @@ func FuzzParseEntry(f *testing.F) {
 			t.Fatalf("stored JSON is not valid: %s", rec.JSON)
 		}
 	})
+}
+
+// ---- the store on disk ----------------------------------------------------------
+
+func openTestStore(t *testing.T, dir string) *MapStore {
+	t.Helper()
+	s, err := OpenMapStore(dir)
+	if err != nil {
+		t.Fatalf("OpenMapStore: %v", err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func record(t testing.TB, name string) Record {
+	t.Helper()
+	rec, err := NewRecord(Entry{FullName: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rec
+}
+
+// dirFiles lists the names in dir, sorted.
+func dirFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+func TestDiskStoreKeepsEveryChangeAcrossARestart(t *testing.T) {
+	ctx := context.Background()
+	dir := filepath.Join(t.TempDir(), "new", "data")
+	s := openTestStore(t, dir)
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("data directory: %v, mode %v; want it created 0700", err, fi.Mode())
+	}
+	ids := []ID{{1}, {2}, {3}}
+	for i, id := range ids {
+		if err := s.Insert(ctx, id, record(t, fmt.Sprint("entry ", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replaced := record(t, "replaced")
+	if err := s.Replace(ctx, ids[1], replaced, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(ctx, ids[2], nil); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{".lock", ids[0].String() + ".json", ids[1].String() + ".json"}
+	if got := dirFiles(t, dir); !slices.Equal(got, want) {
+		t.Errorf("files %v, want %v", got, want)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, ids[1].String()+".json")); !bytes.Equal(b, replaced.JSON) {
+		t.Errorf("file holds %s, want exactly %s", b, replaced.JSON)
+	}
+	before, _, _ := s.List(ctx, ID{}, 10)
+	s.Close()
+
+	s2 := openTestStore(t, dir)
+	after, _, _ := s2.List(ctx, ID{}, 10)
+	if fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Errorf("after a restart:\n%v\nwant\n%v", after, before)
+	}
+	if rec, _ := s2.Get(ctx, ids[1]); rec.Version != replaced.Version {
+		t.Errorf("version after restart %s, want %s (ETags must survive restarts)", rec.Version, replaced.Version)
+	}
+}
+
+func TestDiskStoreRefusesToStart(t *testing.T) {
+	write := func(t *testing.T, dir, name, content string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const entryFile = "0123456789abcdef0123456789abcdef.json"
+	tests := []struct {
+		name  string
+		setup func(t *testing.T, dir string) string // returns the -data path
+		want  string
+	}{
+		{"a file, not a directory", func(t *testing.T, dir string) string {
+			write(t, dir, "file", "x")
+			return filepath.Join(dir, "file")
+		}, "not a directory"},
+		{"in use by another process", func(t *testing.T, dir string) string {
+			openTestStore(t, dir)
+			return dir
+		}, "in use by another process"},
+		{"truncated entry file", func(t *testing.T, dir string) string {
+			write(t, dir, entryFile, `{"full_name":"Ada`)
+			return dir
+		}, entryFile},
+		{"empty entry file", func(t *testing.T, dir string) string {
+			write(t, dir, entryFile, ``)
+			return dir
+		}, entryFile},
+		{"entry file that breaks a rule", func(t *testing.T, dir string) string {
+			write(t, dir, entryFile, `{"full_name":"Ada","emails":[{"kind":"x","email":"a@b.c"}]}`)
+			return dir
+		}, "emails[0].kind"},
+		{"unwritable directory", func(t *testing.T, dir string) string {
+			if os.Geteuid() == 0 {
+				t.Skip("root writes to any directory")
+			}
+			os.Chmod(dir, 0o500)
+			t.Cleanup(func() { os.Chmod(dir, 0o700) })
+			return dir
+		}, "not usable"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := tt.setup(t, t.TempDir())
+			s, err := OpenMapStore(path)
+			if err == nil {
+				s.Close()
+				t.Fatal("OpenMapStore succeeded")
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("error %q does not mention %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestDiskStoreStartCleansUpAfterACrash(t *testing.T) {
+	dir := t.TempDir()
+	id := ID{7}
+	good := record(t, "kept")
+	os.WriteFile(filepath.Join(dir, id.String()+".json"), good.JSON, 0o600)
+	os.WriteFile(filepath.Join(dir, ".tmp-"+id.String()+"-123"), []byte(`{"full_name":"tor`), 0o600)
+	os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("mine"), 0o600)
+	os.WriteFile(filepath.Join(dir, "0123456789ABCDEF0123456789ABCDEF.json"), []byte("not ours"), 0o600)
+	os.Mkdir(filepath.Join(dir, "backup"), 0o700)
+
+	s := openTestStore(t, dir)
+	want := []string{".lock", "0123456789ABCDEF0123456789ABCDEF.json", id.String() + ".json", "backup", "notes.txt"}
+	if got := dirFiles(t, dir); !slices.Equal(got, want) {
+		t.Errorf("files %v, want %v: the temporary file removed, the rest left alone", got, want)
+	}
+	items, _, _ := s.List(context.Background(), ID{}, 10)
+	if len(items) != 1 || items[0].ID != id || items[0].Version != good.Version {
+		t.Errorf("loaded %v, want only %s", items, id)
+	}
+}
+
+// TestDiskStoreFailedWritesChangeNothing simulates a full disk and failing
+// fsyncs: the change is refused, the map and the file keep the old version,
+// no temporary file stays, and once the fault clears writes work again.
+func TestDiskStoreFailedWritesChangeNothing(t *testing.T) {
+	ctx := context.Background()
+	noSpace := func(*os.File, []byte) error { return syscall.ENOSPC }
+	badSync := func(f *os.File) error {
+		if strings.Contains(f.Name(), ".tmp-") {
+			return syscall.EIO
+		}
+		return f.Sync()
+	}
+	tests := []struct {
+		name   string
+		inject func(f *entryFiles)
+	}{
+		{"disk full", func(f *entryFiles) { f.writeFile = noSpace }},
+		{"fsync of the file fails", func(f *entryFiles) { f.syncFile = badSync }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := openTestStore(t, dir)
+			id := ID{1}
+			old := record(t, "old")
+			if err := s.Insert(ctx, id, old); err != nil {
+				t.Fatal(err)
+			}
+			realWrite, realSync := s.files.writeFile, s.files.syncFile
+			tt.inject(s.files)
+
+			if err := s.Replace(ctx, id, record(t, "new"), nil); err == nil {
+				t.Error("Replace succeeded on a failing disk")
+			}
+			if err := s.Insert(ctx, ID{2}, record(t, "other")); err == nil {
+				t.Error("Insert succeeded on a failing disk")
+			}
+			if rec, _ := s.Get(ctx, id); rec.Version != old.Version {
+				t.Error("the map changed after a failed write")
+			}
+			if _, err := s.Get(ctx, ID{2}); !errors.Is(err, ErrNotFound) {
+				t.Error("a failed insert is in the map")
+			}
+			if b, _ := os.ReadFile(filepath.Join(dir, id.String()+".json")); !bytes.Equal(b, old.JSON) {
+				t.Errorf("the file changed after a failed write: %s", b)
+			}
+			if got := dirFiles(t, dir); len(got) != 2 {
+				t.Errorf("files after failed writes: %v, want only .lock and the entry", got)
+			}
+
+			s.files.writeFile, s.files.syncFile = realWrite, realSync
+			if err := s.Replace(ctx, id, record(t, "new"), nil); err != nil {
+				t.Errorf("Replace after the fault cleared: %v", err)
+			}
+		})
+	}
+}
+
+// TestDiskStoreUncertainWriteStopsWrites: when the rename happened but the
+// directory fsync failed, the disk may hold a change the map does not. The
+// store must not go on as if all were well: writes fail until a restart.
+func TestDiskStoreUncertainWriteStopsWrites(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s := openTestStore(t, dir)
+	id := ID{1}
+	old := record(t, "old")
+	s.Insert(ctx, id, old)
+	s.files.syncFile = func(f *os.File) error {
+		if f.Name() == dir {
+			return syscall.EIO
+		}
+		return f.Sync()
+	}
+	if err := s.Replace(ctx, id, record(t, "new"), nil); err == nil {
+		t.Fatal("Replace succeeded though the directory fsync failed")
+	}
+	s.files.syncFile = (*os.File).Sync
+	if err := s.Insert(ctx, ID{2}, record(t, "later")); err == nil || !strings.Contains(err.Error(), "restart") {
+		t.Errorf("Insert after an uncertain write: %v, want a refusal until restart", err)
+	}
+	if rec, err := s.Get(ctx, id); err != nil || rec.Version != old.Version {
+		t.Errorf("reads must go on with the acknowledged version: %v", err)
+	}
+}
+
+// TestDiskStoreWritersToOtherEntriesDoNotWait: while one entry's fsync is
+// stuck, another entry is written and read.
+func TestDiskStoreWritersToOtherEntriesDoNotWait(t *testing.T) {
+	ctx := context.Background()
+	s := openTestStore(t, t.TempDir())
+	slow, fast := ID{1}, ID{2}
+	s.Insert(ctx, slow, record(t, "slow"))
+	release, stuck := make(chan struct{}), make(chan struct{})
+	s.files.syncFile = func(f *os.File) error {
+		if strings.Contains(f.Name(), ".tmp-"+slow.String()) {
+			close(stuck)
+			<-release
+		}
+		return f.Sync()
+	}
+	done := make(chan error)
+	go func() { done <- s.Replace(ctx, slow, record(t, "slow 2"), nil) }()
+	<-stuck
+	if err := s.Insert(ctx, fast, record(t, "fast")); err != nil {
+		t.Errorf("Insert while another entry's fsync is stuck: %v", err)
+	}
+	if _, err := s.Get(ctx, slow); err != nil {
+		t.Errorf("Get while its fsync is stuck: %v", err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Error(err)
+	}
+}
+
+// TestDiskStoreWritesToOneEntryStayInOrder: after concurrent replaces of one
+// entry, its file holds exactly what the map serves.
+func TestDiskStoreWritesToOneEntryStayInOrder(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s := openTestStore(t, dir)
+	id := ID{1}
+	s.Insert(ctx, id, record(t, "start"))
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 10 {
+				if err := s.Replace(ctx, id, record(t, fmt.Sprint(w, "-", i)), nil); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	rec, _ := s.Get(ctx, id)
+	if b, _ := os.ReadFile(filepath.Join(dir, id.String()+".json")); !bytes.Equal(b, rec.JSON) {
+		t.Errorf("file %s, map %s", b, rec.JSON)
+	}
+}
+
+// BenchmarkCreate reports creates per second in memory and with -data, one
+// writer at a time and 32 at once.
+func BenchmarkCreate(b *testing.B) {
+	entry, err := ParseEntry(sampleEntries(b)["testdata/rajesh-kumar.json"])
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, mode := range []string{"memory", "data"} {
+		for _, writers := range []int{1, 32} {
+			b.Run(fmt.Sprintf("%s/writers=%d", mode, writers), func(b *testing.B) {
+				store := NewMapStore()
+				if mode == "data" {
+					var err error
+					if store, err = OpenMapStore(b.TempDir()); err != nil {
+						b.Fatal(err)
+					}
+				}
+				defer store.Close()
+				svc := NewService(store, slog.New(slog.DiscardHandler))
+				ctx := context.Background()
+				create := func() {
+					if _, _, err := svc.Create(ctx, entry); err != nil {
+						b.Error(err)
+					}
+				}
+				b.ReportAllocs()
+				b.ResetTimer()
+				if writers == 1 {
+					for range b.N {
+						create()
+					}
+				} else {
+					b.SetParallelism((writers + runtime.GOMAXPROCS(0) - 1) / runtime.GOMAXPROCS(0))
+					b.RunParallel(func(pb *testing.PB) {
+						for pb.Next() {
+							create()
+						}
+					})
+				}
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "creates/s")
+			})
+		}
+	}
 }

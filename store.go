@@ -7,8 +7,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 )
 
 // Record is an entry as stored: its JSON, exactly as GET serves it, and a
@@ -54,30 +63,62 @@ func versionMatches(version string, ifMatch []string) bool {
 	return false
 }
 
-// MapStore is the in-memory store: a map guarded by a mutex, with an index
-// that keeps ids sorted so a page costs the same however large the book is.
+// MapStore keeps every record in a map guarded by a mutex, with an index that
+// keeps ids sorted so a page costs the same however large the book is. The
+// map is always what serves reads. Opened on a directory, it also writes
+// every change through to one file per entry before acknowledging it.
 type MapStore struct {
-	mu      sync.RWMutex
+	mu      sync.RWMutex // guards records and order; never held during disk I/O
 	records map[ID]Record
 	order   sortedIDs
-	closed  bool
+
+	writers idLocks               // one writer at a time per entry, across its disk I/O
+	life    sync.RWMutex          // writes hold it shared; Close takes it to wait for them
+	closed  bool                  // guarded by life
+	broken  atomic.Pointer[error] // set once a write may have reached the disk but failed; see write
+	files   *entryFiles           // nil: memory only
 }
 
-// NewMapStore returns an empty in-memory store.
+// NewMapStore returns an empty store that keeps entries in memory only.
 func NewMapStore() *MapStore {
 	return &MapStore{records: make(map[ID]Record)}
 }
 
+// OpenMapStore returns a store that persists to dir, loading what dir holds.
+// See entryFiles for the format and the guarantees.
+func OpenMapStore(dir string) (*MapStore, error) {
+	files, err := openEntryFiles(dir)
+	if err != nil {
+		return nil, err
+	}
+	loaded, err := files.load()
+	if err != nil {
+		files.close()
+		return nil, err
+	}
+	s := NewMapStore()
+	s.files = files
+	slices.SortFunc(loaded, func(a, b Item) int { return compareIDs(a.ID, b.ID) })
+	for _, it := range loaded {
+		s.records[it.ID] = it.Record
+		s.order.insert(it.ID)
+	}
+	return s, nil
+}
+
 // Insert adds a record under a new id.
 func (s *MapStore) Insert(_ context.Context, id ID, rec Record) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		return errStoreClosed
-	}
-	s.records[id] = rec
-	s.order.insert(id)
-	return nil
+	defer s.writers.lock(id)()
+	return s.write(func() error {
+		if err := s.files.write(id, rec.JSON); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.records[id] = rec
+		s.order.insert(id)
+		s.mu.Unlock()
+		return nil
+	})
 }
 
 // Get returns the record stored under id.
@@ -93,33 +134,67 @@ func (s *MapStore) Get(_ context.Context, id ID) (Record, error) {
 
 // Replace swaps the record under id if ifMatch holds.
 func (s *MapStore) Replace(_ context.Context, id ID, rec Record, ifMatch []string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if err := s.check(id, ifMatch); err != nil {
-		return err
-	}
-	s.records[id] = rec
-	return nil
+	defer s.writers.lock(id)()
+	return s.write(func() error {
+		if err := s.check(id, ifMatch); err != nil {
+			return err
+		}
+		if err := s.files.write(id, rec.JSON); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		s.records[id] = rec
+		s.mu.Unlock()
+		return nil
+	})
 }
 
 // Delete removes the record under id if ifMatch holds.
 func (s *MapStore) Delete(_ context.Context, id ID, ifMatch []string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if err := s.check(id, ifMatch); err != nil {
-		return err
-	}
-	delete(s.records, id)
-	s.order.remove(id)
-	return nil
+	defer s.writers.lock(id)()
+	return s.write(func() error {
+		if err := s.check(id, ifMatch); err != nil {
+			return err
+		}
+		if err := s.files.remove(id); err != nil {
+			return err
+		}
+		s.mu.Lock()
+		delete(s.records, id)
+		s.order.remove(id)
+		s.mu.Unlock()
+		return nil
+	})
 }
 
-// check must be called with s.mu held.
-func (s *MapStore) check(id ID, ifMatch []string) error {
+// write runs change unless the store is closed or broken. A change that
+// fails after the disk may already hold it breaks the store: the map and the
+// disk may disagree, and only a restart, which reloads the disk, makes them
+// one again. Writes fail from then on; reads go on.
+func (s *MapStore) write(change func() error) error {
+	s.life.RLock()
+	defer s.life.RUnlock()
 	if s.closed {
 		return errStoreClosed
 	}
+	if broken := s.broken.Load(); broken != nil {
+		return *broken
+	}
+	err := change()
+	var uncertain *uncertainWriteError
+	if errors.As(err, &uncertain) {
+		broken := fmt.Errorf("the store refuses writes until a restart: %w", err)
+		s.broken.CompareAndSwap(nil, &broken)
+	}
+	return err
+}
+
+// check returns why a change to id must not happen, if it must not. The
+// caller holds id's writer lock, so the answer stays true until it writes.
+func (s *MapStore) check(id ID, ifMatch []string) error {
+	s.mu.RLock()
 	cur, ok := s.records[id]
+	s.mu.RUnlock()
 	if !ok {
 		return ErrNotFound
 	}
@@ -146,19 +221,243 @@ func (s *MapStore) List(_ context.Context, after ID, limit int) ([]Item, bool, e
 	return items, more, nil
 }
 
-// Close makes every later change fail; reads still work.
+// Close waits for writes under way, then refuses new ones and releases the
+// data directory. Reads still work. Closing twice is harmless.
 func (s *MapStore) Close() error {
-	s.mu.Lock()
+	s.life.Lock()
+	defer s.life.Unlock()
+	if s.closed {
+		return nil
+	}
 	s.closed = true
-	s.mu.Unlock()
+	return s.files.close()
+}
+
+var errStoreClosed = errors.New("the store is closed")
+
+// idLocks hands out one mutex per id in use, so writers to one entry queue
+// in order while writers to others never wait on them.
+type idLocks struct {
+	mu    sync.Mutex
+	locks map[ID]*idLock
+}
+
+type idLock struct {
+	sync.Mutex
+	users int // guarded by idLocks.mu
+}
+
+// lock locks id and returns the function that unlocks it.
+func (l *idLocks) lock(id ID) (unlock func()) {
+	l.mu.Lock()
+	if l.locks == nil {
+		l.locks = make(map[ID]*idLock)
+	}
+	m := l.locks[id]
+	if m == nil {
+		m = &idLock{}
+		l.locks[id] = m
+	}
+	m.users++
+	l.mu.Unlock()
+	m.Lock()
+	return func() {
+		m.Unlock()
+		l.mu.Lock()
+		if m.users--; m.users == 0 {
+			delete(l.locks, id)
+		}
+		l.mu.Unlock()
+	}
+}
+
+// ---- persistence ------------------------------------------------------------------
+
+// entryFiles keeps one file per entry in a directory: DIR/<id>.json holds
+// exactly the entry's JSON as GET serves it, so cat and jq read the data.
+//
+// A write goes to a temporary file in DIR, is fsync'd, renamed over the
+// entry's file, and DIR is fsync'd; a delete removes the file and fsyncs DIR.
+// Only then is the change acknowledged. A crash at any point leaves either
+// the old file or the new one, never a torn one; temporary files are removed
+// at the next start. DIR/.lock is held (flock) while the store is open, so a
+// second process cannot write the same directory.
+//
+// A nil *entryFiles is the memory-only store: every method does nothing.
+type entryFiles struct {
+	dir  string
+	lock *os.File
+
+	// The file-system calls that can fail for lack of space or a bad disk;
+	// tests replace them to simulate a full disk or a failing fsync.
+	writeFile func(f *os.File, data []byte) error
+	syncFile  func(f *os.File) error
+}
+
+const (
+	entrySuffix = ".json"
+	tempPrefix  = ".tmp-"
+	lockName    = ".lock"
+)
+
+func openEntryFiles(dir string) (*entryFiles, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("data directory %s is not usable: %w", dir, err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("data directory %s is in use by another process", dir)
+		}
+		return nil, fmt.Errorf("data directory %s: locking %s: %w", dir, lockName, err)
+	}
+	return &entryFiles{
+		dir:       dir,
+		lock:      lock,
+		writeFile: func(f *os.File, data []byte) error { _, err := f.Write(data); return err },
+		syncFile:  (*os.File).Sync,
+	}, nil
+}
+
+func (f *entryFiles) path(id ID) string {
+	return filepath.Join(f.dir, id.String()+entrySuffix)
+}
+
+// uncertainWriteError is a failure after which the disk may or may not hold
+// the change: the rename or removal happened, but making it durable failed.
+type uncertainWriteError struct{ err error }
+
+func (e *uncertainWriteError) Error() string { return e.err.Error() }
+func (e *uncertainWriteError) Unwrap() error { return e.err }
+
+// write makes data the content of id's file, durably, or fails leaving the
+// old file as it was.
+func (f *entryFiles) write(id ID, data []byte) error {
+	if f == nil {
+		return nil
+	}
+	tmp, err := os.CreateTemp(f.dir, tempPrefix+id.String()+"-*")
+	if err != nil {
+		return fmt.Errorf("writing entry %s: %w", id, err)
+	}
+	err = f.writeFile(tmp, data)
+	if err == nil {
+		err = f.syncFile(tmp)
+	}
+	if closeErr := tmp.Close(); err == nil {
+		err = closeErr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), f.path(id))
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("writing entry %s: %w", id, err)
+	}
+	if err := f.syncDir(); err != nil {
+		return &uncertainWriteError{fmt.Errorf("writing entry %s: syncing the directory: %w", id, err)}
+	}
 	return nil
 }
 
-var errStoreClosed = storeError("the store is closed")
+// remove deletes id's file durably.
+func (f *entryFiles) remove(id ID) error {
+	if f == nil {
+		return nil
+	}
+	if err := os.Remove(f.path(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("deleting entry %s: %w", id, err)
+	}
+	if err := f.syncDir(); err != nil {
+		return &uncertainWriteError{fmt.Errorf("deleting entry %s: syncing the directory: %w", id, err)}
+	}
+	return nil
+}
 
-type storeError string
+func (f *entryFiles) syncDir() error {
+	d, err := os.Open(f.dir)
+	if err != nil {
+		return err
+	}
+	err = f.syncFile(d)
+	if closeErr := d.Close(); err == nil {
+		err = closeErr
+	}
+	return err
+}
 
-func (e storeError) Error() string { return string(e) }
+// load reads every entry file, in parallel, after removing temporary files
+// that a crash left behind. Any entry file that does not hold a valid entry
+// stops the load: starting empty, or without it, would hide data.
+// Files that are not entries are left alone.
+func (f *entryFiles) load() ([]Item, error) {
+	names, err := os.ReadDir(f.dir)
+	if err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	var ids []ID
+	for _, de := range names {
+		name := de.Name()
+		if strings.HasPrefix(name, tempPrefix) {
+			if err := os.Remove(filepath.Join(f.dir, name)); err != nil {
+				return nil, fmt.Errorf("removing the leftover temporary file: %w", err)
+			}
+			continue
+		}
+		id, ok := ParseID(strings.TrimSuffix(name, entrySuffix))
+		if ok && strings.HasSuffix(name, entrySuffix) && de.Type().IsRegular() {
+			ids = append(ids, id)
+		}
+	}
+
+	items := make([]Item, len(ids))
+	errs := make([]error, len(ids))
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < len(ids); i = int(next.Add(1) - 1) {
+				items[i], errs[i] = f.loadEntry(ids[i])
+			}
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+func (f *entryFiles) loadEntry(id ID) (Item, error) {
+	data, err := os.ReadFile(f.path(id))
+	if err != nil {
+		return Item{}, fmt.Errorf("reading %s: %w", f.path(id), err)
+	}
+	e, err := ParseEntry(data)
+	if err != nil {
+		detail := err.Error()
+		var invalid *InvalidError
+		if errors.As(err, &invalid) && len(invalid.Fields) > 0 {
+			detail = invalid.Fields[0].Field + " " + invalid.Fields[0].Message
+		}
+		return Item{}, fmt.Errorf("data file %s does not hold a valid entry (%s); fix or move it away, then start again", f.path(id), detail)
+	}
+	rec, err := NewRecord(e)
+	return Item{ID: id, Record: rec}, err
+}
+
+func (f *entryFiles) close() error {
+	if f == nil {
+		return nil
+	}
+	return f.lock.Close() // closing the descriptor releases the flock
+}
 
 // sortedIDs keeps ids in order in chunks of bounded size: insert, remove and
 // finding where a page starts cost O(log n + chunk size), never O(n).
