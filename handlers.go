@@ -512,25 +512,6 @@ func newRequestID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// requestIDHandler adds the request id to every record logged with a
-// request's context, so the service layer's own logs carry it too.
-type requestIDHandler struct{ slog.Handler }
-
-func (h requestIDHandler) Handle(ctx context.Context, r slog.Record) error {
-	if id := requestID(ctx); id != "" {
-		r.AddAttrs(slog.String("request_id", id))
-	}
-	return h.Handler.Handle(ctx, r)
-}
-
-func (h requestIDHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return requestIDHandler{h.Handler.WithAttrs(attrs)}
-}
-
-func (h requestIDHandler) WithGroup(name string) slog.Handler {
-	return requestIDHandler{h.Handler.WithGroup(name)}
-}
-
 // statusWriter remembers what was sent, for the request log.
 type statusWriter struct {
 	http.ResponseWriter

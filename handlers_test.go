@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -19,6 +20,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1432,5 +1434,247 @@ func checkAfterCrash(t *testing.T, round int, base string, writers []*crashWrite
 	}
 	for _, w := range writers {
 		w.pendingCreate = nil
+	}
+}
+
+// ---- performance: the service beside the net/http ceiling ---------------------------
+
+// The HTTP benchmarks drive a real server over loopback keep-alive
+// connections with a minimal client, for each workload twice: against the
+// service, and against a "ceiling" handler that writes the same response
+// bytes and headers and does nothing else. ceiling ns/op ÷ service ns/op is
+// the fraction of the ceiling the service reaches; ./check.sh bench prints it.
+//
+// ADDRSERVICE_BENCH_ENTRIES lists the book sizes (default 1000; under -short
+// only 1000): ADDRSERVICE_BENCH_ENTRIES=1000,100000,1000000 ./check.sh bench
+
+const benchConns = 64
+
+func benchSizes(b *testing.B) []int {
+	spec := os.Getenv("ADDRSERVICE_BENCH_ENTRIES")
+	if spec == "" || testing.Short() {
+		spec = "1000"
+	}
+	var sizes []int
+	for _, f := range strings.Split(spec, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 {
+			b.Fatalf("ADDRSERVICE_BENCH_ENTRIES: %q is not a list of sizes", spec)
+		}
+		sizes = append(sizes, n)
+	}
+	return sizes
+}
+
+// benchBook is a service seeded with n copies of a realistic entry.
+type benchBook struct {
+	handler http.Handler
+	ids     []string
+	entry   []byte
+	logFile *os.File
+}
+
+func newBenchBook(b *testing.B, n int) *benchBook {
+	b.Helper()
+	entry := sampleEntries(b)["testdata/rajesh-kumar.json"]
+	logFile, err := os.CreateTemp(b.TempDir(), "requests-*.log")
+	if err != nil {
+		b.Fatal(err)
+	}
+	// Logging on, into a file, buffered, as serve sets it up.
+	logs := newLogBuffer(logFile, 100*time.Millisecond)
+	b.Cleanup(logs.Close)
+	log := newLogger(logs, "text", slog.LevelInfo)
+	svc := NewService(NewMapStore(), log)
+	e, err := ParseEntry(entry)
+	if err != nil {
+		b.Fatal(err)
+	}
+	book := &benchBook{entry: entry, logFile: logFile}
+	for range n {
+		id, _, err := svc.Create(context.Background(), e)
+		if err != nil {
+			b.Fatal(err)
+		}
+		book.ids = append(book.ids, id.String())
+	}
+	ready := new(atomic.Bool)
+	ready.Store(true)
+	book.handler = newHandler(log, svc, handlerConfig{maxBody: 1 << 20, ready: ready})
+	return book
+}
+
+// benchWorkload is one kind of traffic: how to make request i, and the
+// ceiling handler that answers it with the service's bytes and headers.
+type benchWorkload struct {
+	name    string
+	request func(i int) []byte
+	ceiling http.Handler
+}
+
+func rawRequest(method, path string, body []byte) []byte {
+	req := method + " " + path + " HTTP/1.1\r\nHost: bench\r\n"
+	if body != nil {
+		req += "Content-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n"
+	}
+	return append([]byte(req+"\r\n"), body...)
+}
+
+// ceilingFor records the service's response to req and returns a handler
+// that writes those bytes and headers, with a fresh request id each time.
+func ceilingFor(b *testing.B, h http.Handler, reqs ...*http.Request) http.Handler {
+	b.Helper()
+	type canned struct {
+		status int
+		header http.Header
+		body   []byte
+	}
+	var responses []canned
+	for _, req := range reqs {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		res := rec.Result()
+		body, _ := io.ReadAll(res.Body)
+		res.Header.Del("Date")
+		responses = append(responses, canned{res.StatusCode, res.Header, body})
+	}
+	var n atomic.Uint64
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c := responses[0]
+		if r.Method != "GET" && len(responses) > 1 {
+			c = responses[1]
+		}
+		for k, v := range c.header {
+			w.Header()[k] = v
+		}
+		w.Header()["X-Request-Id"] = []string{strconv.FormatUint(n.Add(1), 16)}
+		w.WriteHeader(c.status)
+		w.Write(c.body)
+	})
+}
+
+func benchWorkloads(b *testing.B, book *benchBook) []benchWorkload {
+	id0 := "/addresses/" + book.ids[0]
+	getReqs := make([][]byte, len(book.ids))
+	for i, id := range book.ids {
+		getReqs[i] = rawRequest("GET", "/addresses/"+id, nil)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	order := make([]int, 1<<16) // random ids, chosen before the clock starts
+	for i := range order {
+		order[i] = rng.IntN(len(book.ids))
+	}
+	put := func(i int) []byte {
+		return rawRequest("PUT", "/addresses/"+book.ids[order[i%len(order)]], book.entry)
+	}
+	get := func(i int) []byte { return getReqs[order[i%len(order)]] }
+	list := rawRequest("GET", "/addresses?limit=100", nil)
+	post := rawRequest("POST", "/addresses", book.entry)
+	newReq := func(method, path string, body []byte) *http.Request {
+		r := httptest.NewRequest(method, path, bytes.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		return r
+	}
+	return []benchWorkload{
+		{"get", get, ceilingFor(b, book.handler, newReq("GET", id0, nil))},
+		{"post", func(int) []byte { return post }, ceilingFor(b, book.handler, newReq("POST", "/addresses", book.entry))},
+		{"list100", func(int) []byte { return list }, ceilingFor(b, book.handler, newReq("GET", "/addresses?limit=100", nil))},
+		{"mixed90get10put", func(i int) []byte {
+			if i%10 == 9 {
+				return put(i)
+			}
+			return get(i)
+		}, ceilingFor(b, book.handler, newReq("GET", id0, nil), newReq("PUT", id0, book.entry))},
+	}
+}
+
+// driveHTTP sends b.N requests over benchConns keep-alive connections and
+// checks every status is a success.
+func driveHTTP(b *testing.B, h http.Handler, request func(i int) []byte) {
+	b.Helper()
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	srv.Start()
+	defer srv.Close()
+	addr := srv.Listener.Addr().String()
+	conns := make([]net.Conn, benchConns)
+	for i := range conns {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		conns[i] = c
+	}
+	var next atomic.Int64
+	var failed atomic.Value
+	var wg sync.WaitGroup
+	b.ResetTimer()
+	for _, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := bufio.NewReaderSize(c, 64<<10)
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= b.N {
+					return
+				}
+				if _, err := c.Write(request(i)); err != nil {
+					failed.Store(err.Error())
+					return
+				}
+				if status, err := readRawResponse(r); err != nil || status >= 300 && status != 304 {
+					failed.Store(fmt.Sprintf("status %d, %v", status, err))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	b.StopTimer()
+	if f := failed.Load(); f != nil {
+		b.Fatal(f)
+	}
+}
+
+// readRawResponse reads one HTTP/1.1 response with a Content-Length.
+func readRawResponse(r *bufio.Reader) (status int, err error) {
+	length := 0
+	for first := true; ; first = false {
+		line, err := r.ReadSlice('\n')
+		if err != nil {
+			return 0, err
+		}
+		if first {
+			if len(line) < 12 {
+				return 0, fmt.Errorf("bad status line %q", line)
+			}
+			status, _ = strconv.Atoi(string(line[9:12]))
+			continue
+		}
+		if len(line) <= 2 {
+			break
+		}
+		if len(line) > 16 && strings.EqualFold(string(line[:15]), "Content-Length:") {
+			length, _ = strconv.Atoi(strings.TrimSpace(string(line[15:])))
+		}
+	}
+	_, err = r.Discard(length)
+	return status, err
+}
+
+func BenchmarkHTTP(b *testing.B) {
+	for _, n := range benchSizes(b) {
+		book := newBenchBook(b, n)
+		for _, w := range benchWorkloads(b, book) {
+			b.Run(fmt.Sprintf("entries=%d/%s/ceiling", n, w.name), func(b *testing.B) {
+				driveHTTP(b, w.ceiling, w.request)
+			})
+			b.Run(fmt.Sprintf("entries=%d/%s/service", n, w.name), func(b *testing.B) {
+				b.ReportAllocs()
+				driveHTTP(b, book.handler, w.request)
+			})
+		}
 	}
 }

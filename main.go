@@ -33,6 +33,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -182,7 +183,9 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 
 // serve opens the store, listens, serves until ctx is done, then drains.
 func serve(ctx context.Context, cfg config, logOut io.Writer) error {
-	log := newLogger(logOut, cfg.logFormat, cfg.logLevel)
+	logs := newLogBuffer(logOut, 100*time.Millisecond)
+	defer logs.Close()
+	log := newLogger(logs, cfg.logFormat, cfg.logLevel)
 
 	store, err := openStore(cfg.dataDir)
 	if err != nil {
@@ -243,12 +246,108 @@ func openStore(dataDir string) (Store, error) {
 }
 
 // newLogger returns a logger whose records carry the request id of the
-// context they are logged with.
+// context they are logged with. When w is a *logBuffer, records at WARN and
+// above are flushed at once.
 func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: level}
 	var h slog.Handler = slog.NewTextHandler(w, opts)
 	if format == "json" {
 		h = slog.NewJSONHandler(w, opts)
 	}
-	return slog.New(requestIDHandler{h})
+	flush := func() {}
+	if b, ok := w.(*logBuffer); ok {
+		flush = b.Flush
+	}
+	return slog.New(logHandler{h, flush})
+}
+
+// logHandler adds the request id to every record logged with a request's
+// context, so the service layer's own logs carry it too, and flushes
+// buffered output after each record at WARN and above.
+type logHandler struct {
+	slog.Handler
+	flush func()
+}
+
+func (h logHandler) Handle(ctx context.Context, r slog.Record) error {
+	if id := requestID(ctx); id != "" {
+		r.AddAttrs(slog.String("request_id", id))
+	}
+	err := h.Handler.Handle(ctx, r)
+	if r.Level >= slog.LevelWarn {
+		h.flush()
+	}
+	return err
+}
+
+func (h logHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return logHandler{h.Handler.WithAttrs(attrs), h.flush}
+}
+
+func (h logHandler) WithGroup(name string) slog.Handler {
+	return logHandler{h.Handler.WithGroup(name), h.flush}
+}
+
+// logBuffer collects log lines and writes them out in one call every
+// interval: at thousands of requests a second, a write per line costs more
+// than the lines themselves. Lines at WARN and above are flushed at once (see
+// logHandler), so only INFO lines of the last interval can be lost if the
+// process is killed.
+type logBuffer struct {
+	mu   sync.Mutex
+	buf  []byte
+	out  io.Writer
+	stop chan struct{}
+	done chan struct{}
+}
+
+const maxLogBuffer = 64 << 10 // flush early past this many bytes
+
+func newLogBuffer(out io.Writer, interval time.Duration) *logBuffer {
+	b := &logBuffer{out: out, stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(b.done)
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-tick.C:
+				b.Flush()
+			case <-b.stop:
+				b.Flush()
+				return
+			}
+		}
+	}()
+	return b
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.buf = append(b.buf, p...)
+	if len(b.buf) >= maxLogBuffer {
+		b.flushLocked()
+	}
+	return len(p), nil
+}
+
+// Flush writes out what is buffered.
+func (b *logBuffer) Flush() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.flushLocked()
+}
+
+func (b *logBuffer) flushLocked() {
+	if len(b.buf) > 0 {
+		b.out.Write(b.buf) // nowhere to report a failed log write
+		b.buf = b.buf[:0]
+	}
+}
+
+// Close flushes and stops the flushing goroutine.
+func (b *logBuffer) Close() {
+	close(b.stop)
+	<-b.done
 }
