@@ -11,6 +11,8 @@
 #   ./check.sh e2e      builds the binary, drives it over HTTP, stops it with SIGTERM
 #   ./check.sh bench    benchmarks with allocation counts (BENCHTIME=1s by default)
 #   ./check.sh fuzz     fuzzes the entry decoder (FUZZTIME=30s by default)
+#   ./check.sh load     wrk against the built binary and its ceiling, pinned to
+#                       one core each (LOAD_ENTRIES=1000, LOAD_SECONDS=10, LOAD_RUNS=1)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -180,6 +182,93 @@ check_e2e() {
 	echo "ok"
 }
 
+# check_load drives the built binary and a ceiling server (a bare net/http
+# handler writing the same bytes, from the test binary) with wrk, the server
+# on one core with GOMAXPROCS=1 and wrk on the other, and prints req/s, p99
+# and the fraction of the ceiling for each workload.
+check_load() {
+	step "load test"
+	if ! command -v wrk >/dev/null 2>&1; then
+		echo "skipped: the load test needs wrk on the PATH (apt-get install wrk, or brew install wrk)"
+		return 0
+	fi
+	local tmp pid cpid addr caddr n run workload target out rps p99 non2xx rss base
+	tmp=$(mktemp -d)
+	trap 'kill ${pid:-} ${cpid:-} 2>/dev/null || true; rm -rf "$tmp"' RETURN
+	go build -o "$tmp/addrservice" .
+	go test -c -o "$tmp/addrservice.test" .
+	local server_cpu=() load_cpu=()
+	if command -v taskset >/dev/null 2>&1 && (($(nproc) >= 2)); then
+		server_cpu=(taskset -c 0) load_cpu=(taskset -c 1)
+	fi
+	export ENTRY_FILE=$PWD/testdata/rajesh-kumar.json IDS_FILE=$tmp/ids
+	local seconds=${LOAD_SECONDS:-10} runs=${LOAD_RUNS:-1}
+	local json_size
+	json_size=$(tr -d '\n' <"$ENTRY_FILE" | wc -c)
+
+	for n in $(tr , " " <<<"${LOAD_ENTRIES:-1000}"); do
+		GOMAXPROCS=1 "${server_cpu[@]}" "$tmp/addrservice" -addr 127.0.0.1:0 -log-level info >"$tmp/service.log" 2>&1 &
+		pid=$!
+		addr=""
+		for _ in $(seq 100); do
+			addr=$(sed -n 's/.*msg=starting addr=\([^ ]*\).*/\1/p' "$tmp/service.log")
+			[[ -n $addr ]] && break
+			sleep 0.1
+		done
+		[[ -n $addr ]] || { echo "the service did not start"; return 1; }
+		base=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+		# Seed through the API; seed.lua stops at the count, wrk at its duration.
+		local count=0 after page
+		while ((count < n)); do
+			SEED_COUNT=$((n - count)) "${load_cpu[@]}" wrk -t1 -c64 -d"$(((n - count) / 8000 + 2))s" -s testdata/load/seed.lua "http://$addr" >/dev/null
+			: >"$tmp/ids"
+			after=""
+			while :; do
+				page=$(curl -s "http://$addr/addresses?limit=1000${after:+&after=$after}" | grep -o '"[0-9a-f]\{32\}":{' | cut -c2-33 || true)
+				[[ -n $page ]] || break
+				echo "$page" >>"$tmp/ids"
+				after=$(tail -n 1 <<<"$page")
+			done
+			count=$(wc -l <"$tmp/ids")
+		done
+		rss=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+		printf '\n%d entries of %d bytes: RSS %d MiB, %d bytes per entry (%.2f x the JSON)\n' "$count" "$json_size" \
+			$((rss / 1024)) $(((rss - base) * 1024 / count)) "$(awk -v r="$(((rss - base) * 1024 / count))" -v j="$json_size" 'BEGIN { print r / j }')"
+
+		ADDRSERVICE_CEILING_FROM="http://$addr" ADDRSERVICE_CEILING_ID=$(head -n 1 "$tmp/ids") GOMAXPROCS=1 "${server_cpu[@]}" \
+			"$tmp/addrservice.test" -test.run '^TestCeilingServer$' >"$tmp/ceiling.log" 2>&1 &
+		cpid=$!
+		caddr=""
+		for _ in $(seq 100); do
+			caddr=$(sed -n 's/^ceiling addr=//p' "$tmp/ceiling.log")
+			[[ -n $caddr ]] && break
+			sleep 0.1
+		done
+		[[ -n $caddr ]] || { echo "the ceiling did not start"; cat "$tmp/ceiling.log"; return 1; }
+
+		printf '%-8s %4s %12s %10s %12s %10s %7s\n' workload run service p99 ceiling p99 ratio
+		for workload in get list mixed post; do
+			for run in $(seq "$runs"); do
+				local line="" ratio_in=()
+				for target in service ceiling; do
+					local url="http://$addr"
+					[[ $target == ceiling ]] && url="http://$caddr"
+					out=$("${load_cpu[@]}" wrk -t1 -c64 -d"${seconds}s" --latency -s "testdata/load/$workload.lua" "$url")
+					rps=$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")
+					p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
+					non2xx=$(awk '/Non-2xx/ { print $5 }' <<<"$out")
+					[[ -z $non2xx ]] || { echo "$target $workload: $non2xx responses were not 2xx"; return 1; }
+					line+=$(printf ' %12s %10s' "$rps" "$p99")
+					ratio_in+=("$rps")
+				done
+				printf '%-8s %4s%s %7.3f\n' "$workload" "$run" "$line" "$(awk -v s="${ratio_in[0]}" -v c="${ratio_in[1]}" 'BEGIN { print s / c }')"
+			done
+		done
+		kill "$pid" "$cpid"
+		wait "$pid" "$cpid" 2>/dev/null || true
+	done
+}
+
 case "${1:-all}" in
 all)
 	check_fmt
@@ -189,9 +278,9 @@ all)
 	check_e2e
 	step "all checks passed"
 	;;
-fmt | vet | lint | test | cover | bench | fuzz | e2e) "check_$1" ;;
+fmt | vet | lint | test | cover | bench | fuzz | e2e | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|bench|fuzz]" >&2
+	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac

@@ -1678,3 +1678,109 @@ func BenchmarkHTTP(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkHandler measures the service's own chain, middleware included,
+// without the network: what the service adds to each request.
+func BenchmarkHandler(b *testing.B) {
+	book := newBenchBook(b, 1000)
+	for _, w := range benchWorkloads(b, book) {
+		b.Run(w.name, func(b *testing.B) {
+			b.ReportAllocs()
+			var reqs []*http.Request
+			for i := range 1 << 10 {
+				req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(w.request(i))))
+				if err != nil {
+					b.Fatal(err)
+				}
+				body, _ := io.ReadAll(req.Body)
+				req.Body = &rewindBody{bytes.NewReader(body)}
+				req.RemoteAddr = "127.0.0.1:1234"
+				reqs = append(reqs, req)
+			}
+			rec := &discardWriter{header: http.Header{}}
+			b.ResetTimer()
+			for i := range b.N {
+				req := reqs[i%len(reqs)]
+				req.Body.(*rewindBody).Seek(0, io.SeekStart)
+				clear(rec.header)
+				book.handler.ServeHTTP(rec, req)
+			}
+		})
+	}
+}
+
+// rewindBody is a request body a benchmark can read again.
+type rewindBody struct{ *bytes.Reader }
+
+func (rewindBody) Close() error { return nil }
+
+// discardWriter is a ResponseWriter that keeps nothing but its header map.
+type discardWriter struct{ header http.Header }
+
+func (w *discardWriter) Header() http.Header         { return w.header }
+func (w *discardWriter) Write(p []byte) (int, error) { return len(p), nil }
+func (w *discardWriter) WriteHeader(int)             {}
+
+// TestCeilingServer is not a test on its own: ./check.sh load runs the test
+// binary with ADDRSERVICE_CEILING_FROM set to a running service, and then
+// this serves the ceiling that the service is measured against: a bare
+// net/http handler writing the bytes and headers the service wrote for the
+// same kind of request, and nothing else.
+func TestCeilingServer(t *testing.T) {
+	from, id := os.Getenv("ADDRSERVICE_CEILING_FROM"), os.Getenv("ADDRSERVICE_CEILING_ID")
+	if from == "" {
+		t.Skip("runs only under ./check.sh load")
+	}
+	entry, err := os.ReadFile(os.Getenv("ENTRY_FILE"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	type canned struct {
+		status int
+		header http.Header
+		body   []byte
+	}
+	fetch := func(method, path string, body []byte) canned {
+		req, _ := http.NewRequest(method, from+path, bytes.NewReader(body))
+		if body != nil {
+			req.Header.Set("Content-Type", "application/json")
+		}
+		res, err := noDecompression.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		res.Header.Del("Date")
+		return canned{res.StatusCode, res.Header, b}
+	}
+	get := fetch("GET", "/addresses/"+id, nil)
+	list := fetch("GET", "/addresses?limit=100", nil)
+	put := fetch("PUT", "/addresses/"+id, entry)
+	post := fetch("POST", "/addresses", entry)
+	var n atomic.Uint64
+	ceiling := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c := get
+		switch {
+		case r.Method == "POST":
+			c = post
+		case r.Method == "PUT":
+			c = put
+		case r.URL.RawQuery != "":
+			c = list
+		}
+		for k, v := range c.header {
+			w.Header()[k] = v
+		}
+		w.Header()["X-Request-Id"] = []string{strconv.FormatUint(n.Add(1), 16)}
+		w.WriteHeader(c.status)
+		w.Write(c.body)
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("ceiling addr=%s\n", ln.Addr())
+	os.Stdout.Sync()
+	http.Serve(ln, ceiling)
+}

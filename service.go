@@ -4,6 +4,7 @@ package main
 // operations on it. It knows nothing of HTTP; handlers.go translates.
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -14,6 +15,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/mail"
+	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -277,76 +280,100 @@ type entryDecoder struct {
 	errs []FieldError
 }
 
-func (d *entryDecoder) fail(path, message string) {
-	d.errs = append(d.errs, FieldError{Field: path, Message: message})
+func (d *entryDecoder) fail(at fieldPath, message string) {
+	d.errs = append(d.errs, FieldError{Field: at.String(), Message: message})
+}
+
+// fieldPath names a field by its object's path and its key. It becomes text
+// only when the field breaks a rule, so a valid entry builds no paths.
+type fieldPath struct {
+	object string // "" at the top level, else such as addresses[1]
+	key    string
+}
+
+func (p fieldPath) String() string {
+	if p.object == "" {
+		return p.key
+	}
+	return p.object + "." + p.key
 }
 
 // fields calls field for each member of object v, reporting members that are
 // unknown (field returns false), repeated, or null. Each name in required
 // that the object lacks is reported as missing.
-func (d *entryDecoder) fields(v jsonValue, path string, required []string, field func(key string, v jsonValue, path string) bool) {
+func (d *entryDecoder) fields(v jsonValue, path string, required []string, field func(key string, v jsonValue, at fieldPath) bool) {
 	if v.kind != jsonObject {
-		d.fail(path, "must be an object")
+		d.fail(fieldPath{key: path}, "must be an object")
 		return
 	}
-	seen := make(map[string]bool, len(v.members))
-	for _, m := range v.members {
-		p := m.key
-		if path != "" {
-			p = path + "." + m.key
+	var seen map[string]bool // only for objects too large to search by eye
+	if len(v.members) > 16 {
+		seen = make(map[string]bool, len(v.members))
+	}
+	for i, m := range v.members {
+		at := fieldPath{path, m.key}
+		repeated := false
+		if seen != nil {
+			repeated, seen[m.key] = seen[m.key], true
+		} else {
+			repeated = hasKey(v.members[:i], m.key)
 		}
 		switch {
-		case seen[m.key]:
-			d.fail(p, "is given more than once")
+		case repeated:
+			d.fail(at, "is given more than once")
 		case m.value.kind == jsonNull:
-			seen[m.key] = true
-			if !field(m.key, jsonValue{kind: jsonUnknown}, p) {
-				d.fail(p, "is not a known field")
+			if !field(m.key, jsonValue{kind: jsonUnknown}, at) {
+				d.fail(at, "is not a known field")
 			} else {
-				d.fail(p, "must not be null")
+				d.fail(at, "must not be null")
 			}
 		default:
-			seen[m.key] = true
-			if !field(m.key, m.value, p) {
-				d.fail(p, "is not a known field")
+			if !field(m.key, m.value, at) {
+				d.fail(at, "is not a known field")
 			}
 		}
 	}
 	for _, name := range required {
-		if !seen[name] {
-			p := name
-			if path != "" {
-				p = path + "." + name
-			}
-			d.fail(p, "is required")
+		if !hasKey(v.members, name) {
+			d.fail(fieldPath{path, name}, "is required")
 		}
 	}
 }
 
+// hasKey reports whether key is among members.
+func hasKey(members []jsonMember, key string) bool {
+	for _, m := range members {
+		if m.key == key {
+			return true
+		}
+	}
+	return false
+}
+
 // list calls item for each element of array v and returns a non-nil slice
 // (empty for []), so a list the client sent is never confused with none.
-func list[T any](d *entryDecoder, v jsonValue, path string, item func(v jsonValue, path string) T) []T {
+func list[T any](d *entryDecoder, v jsonValue, at fieldPath, item func(v jsonValue, path string) T) []T {
 	if v.kind == jsonUnknown { // null, reported by fields
 		return nil
 	}
 	if v.kind != jsonArray {
-		d.fail(path, "must be a list")
+		d.fail(at, "must be a list")
 		return nil
 	}
 	if len(v.items) > maxListItems {
-		d.fail(path, fmt.Sprintf("must have at most %d items", maxListItems))
+		d.fail(at, fmt.Sprintf("must have at most %d items", maxListItems))
 		return nil
 	}
 	out := make([]T, 0, len(v.items))
 	for i, it := range v.items {
-		out = append(out, item(it, path+"["+strconv.Itoa(i)+"]"))
+		out = append(out, item(it, at.String()+"["+strconv.Itoa(i)+"]"))
 	}
 	return out
 }
 
 func (d *entryDecoder) entry(v jsonValue) Entry {
 	var e Entry
-	d.fields(v, "", []string{"full_name"}, func(key string, v jsonValue, p string) bool {
+	d.fields(v, "", []string{"full_name"}, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "full_name":
 			e.FullName = d.text(v, p, true)
@@ -369,7 +396,7 @@ func (d *entryDecoder) entry(v jsonValue) Entry {
 func (d *entryDecoder) address(v jsonValue, path string) Address {
 	var a Address
 	required := []string{"kind", "street_name", "pincode", "country"}
-	d.fields(v, path, required, func(key string, v jsonValue, p string) bool {
+	d.fields(v, path, required, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
 			a.Kind = d.kind(v, p)
@@ -402,7 +429,7 @@ func (d *entryDecoder) address(v jsonValue, path string) Address {
 func (d *entryDecoder) phone(v jsonValue, path string) Phone {
 	var ph Phone
 	required := []string{"kind", "country_code", "local_number"}
-	d.fields(v, path, required, func(key string, v jsonValue, p string) bool {
+	d.fields(v, path, required, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
 			ph.Kind = d.kind(v, p)
@@ -426,7 +453,7 @@ func (d *entryDecoder) phone(v jsonValue, path string) Phone {
 
 func (d *entryDecoder) email(v jsonValue, path string) Email {
 	var em Email
-	d.fields(v, path, []string{"kind", "email"}, func(key string, v jsonValue, p string) bool {
+	d.fields(v, path, []string{"kind", "email"}, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
 			em.Kind = d.kind(v, p)
@@ -450,7 +477,7 @@ func isBareEmail(s string) bool {
 	return err == nil && addr.Name == "" && addr.Address == s
 }
 
-func (d *entryDecoder) kind(v jsonValue, path string) string {
+func (d *entryDecoder) kind(v jsonValue, path fieldPath) string {
 	s := d.text(v, path, true)
 	if s != "" && s != "home" && s != "work" {
 		d.fail(path, `must be "home" or "work"`)
@@ -459,7 +486,7 @@ func (d *entryDecoder) kind(v jsonValue, path string) string {
 }
 
 // text checks a string field; nonBlank fields must hold more than spaces.
-func (d *entryDecoder) text(v jsonValue, path string, nonBlank bool) string {
+func (d *entryDecoder) text(v jsonValue, path fieldPath, nonBlank bool) string {
 	if v.kind == jsonUnknown {
 		return ""
 	}
@@ -474,7 +501,7 @@ func (d *entryDecoder) text(v jsonValue, path string, nonBlank bool) string {
 	return v.text
 }
 
-func (d *entryDecoder) optionalText(v jsonValue, path string) *string {
+func (d *entryDecoder) optionalText(v jsonValue, path fieldPath) *string {
 	if v.kind != jsonString {
 		d.text(v, path, false) // reports the type
 		return nil
@@ -498,7 +525,7 @@ func checkText(s string, nonBlank bool) string {
 
 // positive accepts an integer literal greater than 0 that fits in an int64;
 // 7.0 and 1e2 are numbers but not integer literals, so they are refused.
-func (d *entryDecoder) positive(v jsonValue, path string) int64 {
+func (d *entryDecoder) positive(v jsonValue, path fieldPath) int64 {
 	if v.kind == jsonUnknown {
 		return 0
 	}
@@ -517,7 +544,7 @@ func positiveInt(v jsonValue) (int64, bool) {
 	return n, err == nil && n > 0
 }
 
-func (d *entryDecoder) intOrText(v jsonValue, path string) IntOrText {
+func (d *entryDecoder) intOrText(v jsonValue, path fieldPath) IntOrText {
 	switch v.kind {
 	case jsonUnknown:
 		return IntOrText{}
@@ -590,6 +617,10 @@ func parseJSON(data []byte) (jsonValue, error) {
 type jsonParser struct {
 	data []byte
 	pos  int
+	// Members and items of the containers being parsed, shared as stacks so
+	// that each container allocates once, at its exact size, when it ends.
+	members []jsonMember
+	items   []jsonValue
 }
 
 func (p *jsonParser) errorf(what string) error {
@@ -659,11 +690,13 @@ func (p *jsonParser) object(depth int) (jsonValue, error) {
 	if p.consume('}') {
 		return v, nil
 	}
+	start := len(p.members)
+	defer func() { p.members = p.members[:start] }()
 	for {
 		if p.pos >= len(p.data) || p.data[p.pos] != '"' {
 			return v, p.errorf("expected a quoted key")
 		}
-		key, err := p.string()
+		key, err := p.key()
 		if err != nil {
 			return v, err
 		}
@@ -676,12 +709,13 @@ func (p *jsonParser) object(depth int) (jsonValue, error) {
 		if err != nil {
 			return v, err
 		}
-		v.members = append(v.members, jsonMember{key: key, value: val})
+		p.members = append(p.members, jsonMember{key: key, value: val})
 		p.space()
 		switch {
 		case p.consume(','):
 			p.space()
 		case p.consume('}'):
+			v.members = slices.Clone(p.members[start:])
 			return v, nil
 		default:
 			return v, p.errorf("expected ',' or '}'")
@@ -696,23 +730,50 @@ func (p *jsonParser) array(depth int) (jsonValue, error) {
 	if p.consume(']') {
 		return v, nil
 	}
+	start := len(p.items)
+	defer func() { p.items = p.items[:start] }()
 	for {
 		item, err := p.value(depth + 1)
 		if err != nil {
 			return v, err
 		}
-		v.items = append(v.items, item)
+		p.items = append(p.items, item)
 		p.space()
 		switch {
 		case p.consume(','):
 			p.space()
 		case p.consume(']'):
+			v.items = slices.Clone(p.items[start:])
 			return v, nil
 		default:
 			return v, p.errorf("expected ',' or ']'")
 		}
 	}
 }
+
+// key parses an object key, reusing the field names the model knows so a
+// valid entry allocates nothing for its keys.
+func (p *jsonParser) key() (string, error) {
+	start := p.pos + 1
+	if end := bytes.IndexByte(p.data[start:], '"'); end >= 0 {
+		if name, ok := knownKeys[string(p.data[start:start+end])]; ok {
+			p.pos = start + end + 1
+			return name, nil
+		}
+	}
+	return p.string()
+}
+
+var knownKeys = func() map[string]string {
+	m := map[string]string{}
+	for _, t := range []reflect.Type{reflect.TypeFor[Entry](), reflect.TypeFor[Address](), reflect.TypeFor[Phone](), reflect.TypeFor[Email]()} {
+		for i := range t.NumField() {
+			name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+			m[name] = name
+		}
+	}
+	return m
+}()
 
 func (p *jsonParser) number() (jsonValue, error) {
 	start := p.pos

@@ -94,6 +94,7 @@ func TestParseEntryRejectsInvalidFields(t *testing.T) {
 		{"case variant alone", `{"Full_Name":"A"}`, []FieldError{{"Full_Name", "is not a known field"}, {"full_name", "is required"}}},
 		{"duplicate key", `{"full_name":"A","full_name":"B"}`, []FieldError{{"full_name", "is given more than once"}}},
 		{"unknown null field", `{"full_name":"A","x":null}`, []FieldError{{"x", "is not a known field"}}},
+		{"duplicate key in a large object", `{"full_name":"A",` + manyKeys(20) + `,"full_name":"B"}`, append(unknownKeys(20), FieldError{"full_name", "is given more than once"})},
 		{"list not a list", `{"full_name":"A","emails":{}}`, []FieldError{{"emails", "must be a list"}}},
 		{"list null", `{"full_name":"A","addresses":null}`, []FieldError{{"addresses", "must not be null"}}},
 		{"list too long", `{"full_name":"A","phone_numbers":[` + strings.TrimSuffix(strings.Repeat(`{"kind":"home","country_code":1,"local_number":1},`, 65), ",") + `]}`, []FieldError{{"phone_numbers", "must have at most 64 items"}}},
@@ -145,6 +146,22 @@ func TestParseEntryRejectsInvalidFields(t *testing.T) {
 			}
 		})
 	}
+}
+
+func manyKeys(n int) string {
+	var keys []string
+	for i := range n {
+		keys = append(keys, fmt.Sprintf(`"k%d":1`, i))
+	}
+	return strings.Join(keys, ",")
+}
+
+func unknownKeys(n int) []FieldError {
+	var errs []FieldError
+	for i := range n {
+		errs = append(errs, FieldError{fmt.Sprintf("k%d", i), "is not a known field"})
+	}
+	return errs
 }
 
 // TestParseEntryRejectsMalformedBodies: bodies that are not one JSON object
