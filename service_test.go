@@ -403,45 +403,47 @@ func TestServiceListPages(t *testing.T) {
 	}
 }
 
-// TestSortedIDsMatchesASortedSlice drives the chunked index with random
-// inserts and removes and compares it with the obvious implementation.
-func TestSortedIDsMatchesASortedSlice(t *testing.T) {
+// TestSortedItemsMatchesASortedSlice drives the chunked index with random
+// sets and removes and compares it with the obvious implementation.
+func TestSortedItemsMatchesASortedSlice(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	var x sortedIDs
-	var want []ID
+	var x sortedItems
+	var want []Item
 	randomID := func() ID {
 		var id ID
 		id[0], id[1] = byte(rng.IntN(256)), byte(rng.IntN(256))
 		return id
 	}
 	for i := range 20000 {
-		id := randomID()
 		if i%3 == 0 && len(want) > 0 {
-			id = want[rng.IntN(len(want))]
+			id := want[rng.IntN(len(want))].ID
 			x.remove(id)
-			want = slices.DeleteFunc(want, func(v ID) bool { return v == id })
+			want = slices.DeleteFunc(want, func(v Item) bool { return v.ID == id })
 			continue
 		}
-		x.insert(id)
-		if j, found := slices.BinarySearchFunc(want, id, compareIDs); !found {
-			want = slices.Insert(want, j, id)
+		it := Item{ID: randomID(), Record: Record{Version: fmt.Sprint(i)}}
+		x.set(it)
+		if j, found := slices.BinarySearchFunc(want, it.ID, compareItem); found {
+			want[j] = it
+		} else {
+			want = slices.Insert(want, j, it)
 		}
 	}
-	var got []ID
-	x.ascend(ID{}, func(id ID) bool { got = append(got, id); return true })
-	if !slices.Equal(got, want) {
-		t.Fatalf("index holds %d ids, want %d, or order differs", len(got), len(want))
+	var got []Item
+	x.ascend(ID{}, func(it Item) bool { got = append(got, it); return true })
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("index holds %d items, want %d, or they differ", len(got), len(want))
 	}
 	for _, c := range x.chunks {
 		if len(c) == 0 || len(c) > maxChunk {
-			t.Fatalf("chunk of %d ids", len(c))
+			t.Fatalf("chunk of %d items", len(c))
 		}
 	}
 	// ascend from a point inside the list
-	start := want[len(want)/2]
+	start := want[len(want)/2].ID
 	got = got[:0]
-	x.ascend(start, func(id ID) bool { got = append(got, id); return len(got) < 10 })
-	if !slices.Equal(got, want[len(want)/2+1:len(want)/2+11]) {
+	x.ascend(start, func(it Item) bool { got = append(got, it); return len(got) < 10 })
+	if fmt.Sprint(got) != fmt.Sprint(want[len(want)/2+1:len(want)/2+11]) {
 		t.Errorf("ascend from the middle: %v", got)
 	}
 }
@@ -910,4 +912,117 @@ func BenchmarkCreate(b *testing.B) {
 			})
 		}
 	}
+}
+
+// ---- benchmarks of the store ------------------------------------------------------
+
+// storeSizes are the book sizes of the store benchmarks; -short keeps the smallest.
+func storeSizes() []int {
+	if testing.Short() {
+		return []int{1000}
+	}
+	return []int{1000, 100000, 1000000}
+}
+
+// seededStore holds n entries, each with its own copy of a realistic entry's JSON.
+func seededStore(b *testing.B, n int) (*MapStore, []ID, Record) {
+	b.Helper()
+	e, err := ParseEntry(sampleEntries(b)["testdata/rajesh-kumar.json"])
+	if err != nil {
+		b.Fatal(err)
+	}
+	rec, _ := NewRecord(e)
+	s := NewMapStore()
+	var g idGenerator
+	ids := make([]ID, n)
+	for i := range ids {
+		ids[i] = g.next()
+		s.Insert(context.Background(), ids[i], Record{JSON: bytes.Clone(rec.JSON), Version: strings.Clone(rec.Version)})
+	}
+	return s, ids, rec
+}
+
+func BenchmarkStore(b *testing.B) {
+	ctx := context.Background()
+	for _, n := range storeSizes() {
+		s, ids, rec := seededStore(b, n)
+		rng := rand.New(rand.NewPCG(1, 2))
+		b.Run(fmt.Sprintf("entries=%d/get", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				if _, err := s.Get(ctx, ids[rng.IntN(len(ids))]); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("entries=%d/page100", n), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() { // full pages that start anywhere in the book
+				if items, _, _ := s.List(ctx, ids[rng.IntN(len(ids)-100)], 100); len(items) != 100 {
+					b.Fatal("empty page")
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("entries=%d/insert+delete", n), func(b *testing.B) {
+			// Pairs keep the book at its size: one insert, one delete of an old id.
+			b.ReportAllocs()
+			var g idGenerator
+			for i := 0; b.Loop(); i++ {
+				id := g.next()
+				s.Insert(ctx, id, rec)
+				victim := ids[i%len(ids)]
+				s.Delete(ctx, victim, nil)
+				ids[i%len(ids)] = id
+			}
+		})
+	}
+}
+
+// BenchmarkMemoryPerEntry reports the live heap per stored entry against the
+// size of the entry's JSON (the target is at most 2x for the whole process).
+func BenchmarkMemoryPerEntry(b *testing.B) {
+	for _, n := range storeSizes() {
+		b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
+			var before, after runtime.MemStats
+			var perEntry, jsonSize float64
+			for b.Loop() {
+				runtime.GC()
+				runtime.ReadMemStats(&before)
+				s, _, rec := seededStore(b, n)
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				perEntry = float64(after.HeapAlloc-before.HeapAlloc) / float64(n)
+				jsonSize = float64(len(rec.JSON))
+				runtime.KeepAlive(s)
+			}
+			b.ReportMetric(perEntry, "heap-B/entry")
+			b.ReportMetric(perEntry/jsonSize, "x-JSON")
+		})
+	}
+}
+
+// BenchmarkOpenDataDir measures a start with -data holding many entries
+// (100,000 unless -short): reading, validating and indexing every file.
+func BenchmarkOpenDataDir(b *testing.B) {
+	n := 100000
+	if testing.Short() {
+		n = 1000
+	}
+	dir := b.TempDir()
+	body := sampleEntries(b)["testdata/rajesh-kumar.json"]
+	var g idGenerator
+	for range n {
+		if err := os.WriteFile(filepath.Join(dir, g.next().String()+".json"), body, 0o600); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
+		for b.Loop() {
+			s, err := OpenMapStore(dir)
+			if err != nil {
+				b.Fatal(err)
+			}
+			s.Close()
+		}
+	})
 }

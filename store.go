@@ -70,7 +70,7 @@ func versionMatches(version string, ifMatch []string) bool {
 type MapStore struct {
 	mu      sync.RWMutex // guards records and order; never held during disk I/O
 	records map[ID]Record
-	order   sortedIDs
+	order   sortedItems // the same records in id order, for pages
 
 	writers idLocks               // one writer at a time per entry, across its disk I/O
 	life    sync.RWMutex          // writes hold it shared; Close takes it to wait for them
@@ -101,7 +101,7 @@ func OpenMapStore(dir string) (*MapStore, error) {
 	slices.SortFunc(loaded, func(a, b Item) int { return compareIDs(a.ID, b.ID) })
 	for _, it := range loaded {
 		s.records[it.ID] = it.Record
-		s.order.insert(it.ID)
+		s.order.set(it)
 	}
 	return s, nil
 }
@@ -115,7 +115,7 @@ func (s *MapStore) Insert(_ context.Context, id ID, rec Record) error {
 		}
 		s.mu.Lock()
 		s.records[id] = rec
-		s.order.insert(id)
+		s.order.set(Item{id, rec})
 		s.mu.Unlock()
 		return nil
 	})
@@ -144,6 +144,7 @@ func (s *MapStore) Replace(_ context.Context, id ID, rec Record, ifMatch []strin
 		}
 		s.mu.Lock()
 		s.records[id] = rec
+		s.order.set(Item{id, rec})
 		s.mu.Unlock()
 		return nil
 	})
@@ -210,12 +211,12 @@ func (s *MapStore) List(_ context.Context, after ID, limit int) ([]Item, bool, e
 	defer s.mu.RUnlock()
 	items := make([]Item, 0, min(limit, len(s.records)))
 	more := false
-	s.order.ascend(after, func(id ID) bool {
+	s.order.ascend(after, func(it Item) bool {
 		if len(items) == limit {
 			more = true
 			return false
 		}
-		items = append(items, Item{ID: id, Record: s.records[id]})
+		items = append(items, it)
 		return true
 	})
 	return items, more, nil
@@ -459,44 +460,49 @@ func (f *entryFiles) close() error {
 	return f.lock.Close() // closing the descriptor releases the flock
 }
 
-// sortedIDs keeps ids in order in chunks of bounded size: insert, remove and
-// finding where a page starts cost O(log n + chunk size), never O(n).
-// Ids arrive almost always in increasing order, so inserts append.
-type sortedIDs struct {
-	chunks [][]ID // each sorted and non-empty; chunk i's ids all precede chunk i+1's
+// sortedItems keeps items in id order in chunks of bounded size: set,
+// remove and finding where a page starts cost O(log n + chunk size), never
+// O(n), and a page is read from consecutive memory rather than looked up id
+// by id. Ids arrive almost always in increasing order, so inserts append.
+type sortedItems struct {
+	chunks [][]Item // each sorted and non-empty; chunk i's ids all precede chunk i+1's
 }
 
-const maxChunk = 512
+const maxChunk = 256
 
 func compareIDs(a, b ID) int { return bytes.Compare(a[:], b[:]) }
 
+func compareItem(it Item, id ID) int { return compareIDs(it.ID, id) }
+
 // chunkFor returns the index of the first chunk whose last id is >= id,
 // or len(chunks) when id is after them all.
-func (x *sortedIDs) chunkFor(id ID) int {
-	i, _ := slices.BinarySearchFunc(x.chunks, id, func(c []ID, id ID) int {
-		return compareIDs(c[len(c)-1], id)
+func (x *sortedItems) chunkFor(id ID) int {
+	i, _ := slices.BinarySearchFunc(x.chunks, id, func(c []Item, id ID) int {
+		return compareIDs(c[len(c)-1].ID, id)
 	})
 	return i
 }
 
-func (x *sortedIDs) insert(id ID) {
-	ci := x.chunkFor(id)
+// set inserts it, or replaces the item with its id.
+func (x *sortedItems) set(it Item) {
+	ci := x.chunkFor(it.ID)
 	if ci == len(x.chunks) { // after every id: the common case
 		if ci > 0 && len(x.chunks[ci-1]) < maxChunk {
-			x.chunks[ci-1] = append(x.chunks[ci-1], id)
+			x.chunks[ci-1] = append(x.chunks[ci-1], it)
 		} else {
-			x.chunks = append(x.chunks, append(make([]ID, 0, maxChunk), id))
+			x.chunks = append(x.chunks, append(make([]Item, 0, maxChunk), it))
 		}
 		return
 	}
 	c := x.chunks[ci]
-	i, found := slices.BinarySearchFunc(c, id, compareIDs)
+	i, found := slices.BinarySearchFunc(c, it.ID, compareItem)
 	if found {
+		c[i] = it
 		return
 	}
-	c = slices.Insert(c, i, id)
+	c = slices.Insert(c, i, it)
 	if len(c) > maxChunk {
-		right := append(make([]ID, 0, maxChunk), c[len(c)/2:]...)
+		right := append(make([]Item, 0, maxChunk), c[len(c)/2:]...)
 		x.chunks[ci] = c[:len(c)/2]
 		x.chunks = slices.Insert(x.chunks, ci+1, right)
 		return
@@ -504,13 +510,13 @@ func (x *sortedIDs) insert(id ID) {
 	x.chunks[ci] = c
 }
 
-func (x *sortedIDs) remove(id ID) {
+func (x *sortedItems) remove(id ID) {
 	ci := x.chunkFor(id)
 	if ci == len(x.chunks) {
 		return
 	}
 	c := x.chunks[ci]
-	i, found := slices.BinarySearchFunc(c, id, compareIDs)
+	i, found := slices.BinarySearchFunc(c, id, compareItem)
 	if !found {
 		return
 	}
@@ -522,19 +528,20 @@ func (x *sortedIDs) remove(id ID) {
 	x.chunks[ci] = c
 }
 
-// ascend calls fn for each id after after, in order, until fn returns false.
-func (x *sortedIDs) ascend(after ID, fn func(ID) bool) {
+// ascend calls fn for each item with an id after after, in order, until fn
+// returns false.
+func (x *sortedItems) ascend(after ID, fn func(Item) bool) {
 	ci := x.chunkFor(after)
 	if ci == len(x.chunks) {
 		return
 	}
-	i, found := slices.BinarySearchFunc(x.chunks[ci], after, compareIDs)
+	i, found := slices.BinarySearchFunc(x.chunks[ci], after, compareItem)
 	if found {
 		i++
 	}
 	for ; ci < len(x.chunks); ci, i = ci+1, 0 {
-		for _, id := range x.chunks[ci][i:] {
-			if !fn(id) {
+		for _, it := range x.chunks[ci][i:] {
+			if !fn(it) {
 				return
 			}
 		}
