@@ -93,6 +93,7 @@ check_e2e() {
 	trap 'kill -9 ${pid:-} 2>/dev/null || true; rm -rf "$tmp"' RETURN
 
 	e2e_start() { # starts the binary with "$@" and sets pid and addr
+		: >"$tmp/log" # exists before the first look at it
 		"$bin" -addr 127.0.0.1:0 "$@" >"$tmp/log" 2>&1 &
 		pid=$!
 		addr=""
@@ -207,6 +208,7 @@ check_load() {
 	json_size=$(tr -d '\n' <"$ENTRY_FILE" | wc -c)
 
 	for n in $(tr , " " <<<"${LOAD_ENTRIES:-1000}"); do
+		: >"$tmp/service.log"
 		GOMAXPROCS=1 "${server_cpu[@]}" "$tmp/addrservice" -addr 127.0.0.1:0 -log-level info >"$tmp/service.log" 2>&1 &
 		pid=$!
 		addr=""
@@ -235,6 +237,7 @@ check_load() {
 		printf '\n%d entries of %d bytes: RSS %d MiB, %d bytes per entry (%.2f x the JSON)\n' "$count" "$json_size" \
 			$((rss / 1024)) $(((rss - base) * 1024 / count)) "$(awk -v r="$(((rss - base) * 1024 / count))" -v j="$json_size" 'BEGIN { print r / j }')"
 
+		: >"$tmp/ceiling.log"
 		ADDRSERVICE_CEILING_FROM="http://$addr" ADDRSERVICE_CEILING_ID=$(head -n 1 "$tmp/ids") GOMAXPROCS=1 "${server_cpu[@]}" \
 			"$tmp/addrservice.test" -test.run '^TestCeilingServer$' >"$tmp/ceiling.log" 2>&1 &
 		cpid=$!

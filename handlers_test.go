@@ -808,6 +808,20 @@ func TestRunHelpPrintsUsage(t *testing.T) {
 	}
 }
 
+func TestGCPercentKeepsHeadroomNearConstant(t *testing.T) {
+	tests := []struct {
+		live uint64
+		want int
+	}{
+		{0, 100}, {4 << 20, 100}, {32 << 20, 100}, {64 << 20, 50}, {100 << 20, 32}, {128 << 20, 25}, {8 << 30, 25},
+	}
+	for _, tt := range tests {
+		if got := gcPercentFor(tt.live); got != tt.want {
+			t.Errorf("gcPercentFor(%d MiB) = %d, want %d", tt.live>>20, got, tt.want)
+		}
+	}
+}
+
 func TestRunFailsWhenThePortIsTaken(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

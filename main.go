@@ -32,6 +32,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"runtime/metrics"
 	"strconv"
 	"strings"
 	"sync"
@@ -67,11 +68,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	if getenv("GOGC") == "" {
-		// The stored entries are nearly all of the heap, and the default
-		// GOGC=100 lets the heap grow to twice them between collections.
-		// Requests make little garbage, so collecting at +25% costs little
-		// CPU and keeps the process near the size of its data.
-		debug.SetGCPercent(25)
+		go tuneGC(ctx)
 	}
 	return serve(ctx, cfg, stdout)
 }
@@ -243,6 +240,39 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// tuneGC keeps the heap's headroom for garbage near gcHeadroom rather than
+// proportional to the heap. The stored entries are nearly all of the live
+// heap, and the default GOGC=100 lets the heap grow to twice them between
+// collections; requests make little garbage, so with a large book a
+// collection at +25% costs little CPU and keeps the process near the size of
+// its data. A small book keeps the default, where collections are cheap.
+func tuneGC(ctx context.Context) {
+	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	current := 100
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		metrics.Read(sample)
+		percent := gcPercentFor(sample[0].Value.Uint64())
+		if percent < current-5 || percent > current+5 {
+			debug.SetGCPercent(percent)
+			current = percent
+		}
+	}
+}
+
+// gcPercentFor returns the GOGC that gives a live heap of live bytes about
+// 32 MiB of headroom, within 25 to 100.
+func gcPercentFor(live uint64) int {
+	const headroom = 32 << 20
+	return int(min(max(headroom*100/max(live, 1), 25), 100))
 }
 
 // openStore returns the store the configuration asks for.
