@@ -284,26 +284,32 @@ func (d *entryDecoder) fail(at fieldPath, message string) {
 	d.errs = append(d.errs, FieldError{Field: at.String(), Message: message})
 }
 
-// fieldPath names a field by its object's path and its key. It becomes text
+// fieldPath names a field: a top-level key, an item of a top-level list,
+// or a key inside such an item (an entry nests no deeper). It becomes text
 // only when the field breaks a rule, so a valid entry builds no paths.
 type fieldPath struct {
-	object string // "" at the top level, else such as addresses[1]
-	key    string
+	list  string // "" at the top level
+	index int
+	key   string // "" for the list item itself
 }
 
 func (p fieldPath) String() string {
-	if p.object == "" {
+	if p.list == "" {
 		return p.key
 	}
-	return p.object + "." + p.key
+	s := p.list + "[" + strconv.Itoa(p.index) + "]"
+	if p.key != "" {
+		s += "." + p.key
+	}
+	return s
 }
 
 // fields calls field for each member of object v, reporting members that are
 // unknown (field returns false), repeated, or null. Each name in required
 // that the object lacks is reported as missing.
-func (d *entryDecoder) fields(v jsonValue, path string, required []string, field func(key string, v jsonValue, at fieldPath) bool) {
+func (d *entryDecoder) fields(v jsonValue, object fieldPath, required []string, field func(key string, v jsonValue, at fieldPath) bool) {
 	if v.kind != jsonObject {
-		d.fail(fieldPath{key: path}, "must be an object")
+		d.fail(object, "must be an object")
 		return
 	}
 	var seen map[string]bool // only for objects too large to search by eye
@@ -311,7 +317,8 @@ func (d *entryDecoder) fields(v jsonValue, path string, required []string, field
 		seen = make(map[string]bool, len(v.members))
 	}
 	for i, m := range v.members {
-		at := fieldPath{path, m.key}
+		at := object
+		at.key = m.key
 		repeated := false
 		if seen != nil {
 			repeated, seen[m.key] = seen[m.key], true
@@ -335,7 +342,9 @@ func (d *entryDecoder) fields(v jsonValue, path string, required []string, field
 	}
 	for _, name := range required {
 		if !hasKey(v.members, name) {
-			d.fail(fieldPath{path, name}, "is required")
+			at := object
+			at.key = name
+			d.fail(at, "is required")
 		}
 	}
 }
@@ -352,7 +361,7 @@ func hasKey(members []jsonMember, key string) bool {
 
 // list calls item for each element of array v and returns a non-nil slice
 // (empty for []), so a list the client sent is never confused with none.
-func list[T any](d *entryDecoder, v jsonValue, at fieldPath, item func(v jsonValue, path string) T) []T {
+func list[T any](d *entryDecoder, v jsonValue, at fieldPath, item func(v jsonValue, at fieldPath) T) []T {
 	if v.kind == jsonUnknown { // null, reported by fields
 		return nil
 	}
@@ -366,14 +375,14 @@ func list[T any](d *entryDecoder, v jsonValue, at fieldPath, item func(v jsonVal
 	}
 	out := make([]T, 0, len(v.items))
 	for i, it := range v.items {
-		out = append(out, item(it, at.String()+"["+strconv.Itoa(i)+"]"))
+		out = append(out, item(it, fieldPath{list: at.key, index: i}))
 	}
 	return out
 }
 
 func (d *entryDecoder) entry(v jsonValue) Entry {
 	var e Entry
-	d.fields(v, "", []string{"full_name"}, func(key string, v jsonValue, p fieldPath) bool {
+	d.fields(v, fieldPath{}, []string{"full_name"}, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "full_name":
 			e.FullName = d.text(v, p, true)
@@ -393,10 +402,10 @@ func (d *entryDecoder) entry(v jsonValue) Entry {
 	return e
 }
 
-func (d *entryDecoder) address(v jsonValue, path string) Address {
+func (d *entryDecoder) address(v jsonValue, item fieldPath) Address {
 	var a Address
 	required := []string{"kind", "street_name", "pincode", "country"}
-	d.fields(v, path, required, func(key string, v jsonValue, p fieldPath) bool {
+	d.fields(v, item, required, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
 			a.Kind = d.kind(v, p)
@@ -426,10 +435,10 @@ func (d *entryDecoder) address(v jsonValue, path string) Address {
 	return a
 }
 
-func (d *entryDecoder) phone(v jsonValue, path string) Phone {
+func (d *entryDecoder) phone(v jsonValue, item fieldPath) Phone {
 	var ph Phone
 	required := []string{"kind", "country_code", "local_number"}
-	d.fields(v, path, required, func(key string, v jsonValue, p fieldPath) bool {
+	d.fields(v, item, required, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
 			ph.Kind = d.kind(v, p)
@@ -451,9 +460,9 @@ func (d *entryDecoder) phone(v jsonValue, path string) Phone {
 	return ph
 }
 
-func (d *entryDecoder) email(v jsonValue, path string) Email {
+func (d *entryDecoder) email(v jsonValue, item fieldPath) Email {
 	var em Email
-	d.fields(v, path, []string{"kind", "email"}, func(key string, v jsonValue, p fieldPath) bool {
+	d.fields(v, item, []string{"kind", "email"}, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
 			em.Kind = d.kind(v, p)
@@ -598,7 +607,14 @@ func (k jsonKind) String() string {
 // parseJSON parses exactly one JSON value (RFC 8259) of valid UTF-8, refusing
 // lone UTF-16 surrogates and nesting deeper than maxJSONDepth.
 func parseJSON(data []byte) (jsonValue, error) {
-	p := jsonParser{data: data}
+	p := parsers.Get().(*jsonParser)
+	defer func() {
+		clear(p.members[:cap(p.members)]) // drop references into the parsed body
+		clear(p.items[:cap(p.items)])
+		p.data, p.members, p.items = nil, p.members[:0], p.items[:0]
+		parsers.Put(p)
+	}()
+	p.data, p.pos = data, 0
 	p.space()
 	if p.pos == len(data) {
 		return jsonValue{}, invalid("the body is empty; it must be a JSON object")
@@ -613,6 +629,9 @@ func parseJSON(data []byte) (jsonValue, error) {
 	}
 	return v, nil
 }
+
+// parsers keeps parsers, with their grown stacks, for the next request.
+var parsers = sync.Pool{New: func() any { return new(jsonParser) }}
 
 type jsonParser struct {
 	data []byte

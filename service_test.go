@@ -1026,3 +1026,25 @@ func BenchmarkOpenDataDir(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkParseEntry is the decode-and-validate step of every POST and PUT,
+// and NewRecord the encoding step after it.
+func BenchmarkParseEntry(b *testing.B) {
+	body := sampleEntries(b)["testdata/rajesh-kumar.json"]
+	b.Run("parse", func(b *testing.B) {
+		b.ReportAllocs()
+		b.SetBytes(int64(len(body)))
+		for b.Loop() {
+			if _, err := ParseEntry(body); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	e, _ := ParseEntry(body)
+	b.Run("record", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			NewRecord(e)
+		}
+	})
+}
