@@ -9,7 +9,8 @@
 #   ./check.sh test     go test -race with coverage; fails below the floor
 #   ./check.sh cover    coverage report as HTML in coverage.html
 #   ./check.sh e2e      builds the binary, drives it over HTTP, stops it with SIGTERM
-#   ./check.sh bench    benchmarks with allocation counts (BENCHTIME=1s by default)
+#   ./check.sh bench    benchmarks with allocation counts, then the fraction of the
+#                       ceiling per workload (BENCHTIME=1s; ADDRSERVICE_BENCH_ENTRIES)
 #   ./check.sh fuzz     fuzzes the entry decoder (FUZZTIME=30s by default)
 #   ./check.sh load     wrk against the built binary and its ceiling, pinned to
 #                       one core each (LOAD_ENTRIES=1000, LOAD_SECONDS=10, LOAD_RUNS=1)
@@ -71,9 +72,31 @@ check_cover() {
 	echo "wrote coverage.html"
 }
 
+# check_bench runs every benchmark, then prints each HTTP workload's
+# fraction of the ceiling: ceiling ns/op divided by service ns/op.
+# ADDRSERVICE_BENCH_ENTRIES=1000,100000,1000000 adds larger books.
 check_bench() {
 	step "benchmarks"
-	go test -run='^$' -bench="${BENCH:-.}" -benchmem -benchtime="${BENCHTIME:-1s}" ./...
+	local out
+	out=$(mktemp)
+	go test -run='^$' -bench="${BENCH:-.}" -benchmem -benchtime="${BENCHTIME:-1s}" ${BENCHFLAGS:-} ./... | tee "$out"
+	step "fraction of the ceiling (in process, client and server sharing the CPU; ./check.sh load for the real figure)"
+	awk '$1 ~ /^BenchmarkHTTP\// {
+		name = $1; sub(/^BenchmarkHTTP\//, "", name); sub(/-[0-9]+$/, "", name)
+		n = split(name, part, "/"); key = part[1] "/" part[2]
+		ns[key, part[3]] = $3; if (!(key in seen)) { seen[key] = 1; order[++count] = key }
+	}
+	END { for (i = 1; i <= count; i++) { k = order[i]
+		if (ns[k, "service"] > 0) printf "%-40s %6.3f\n", k, ns[k, "ceiling"] / ns[k, "service"] } }' "$out"
+	rm -f "$out"
+}
+
+# check_bench_smoke runs each benchmark once on small books, so CI notices a
+# benchmark that no longer runs without spending minutes on it.
+check_bench_smoke() {
+	step "benchmarks, once each (smoke test)"
+	go test -short -run='^$' -bench=. -benchtime=1x ./... >/dev/null
+	echo "ok"
 }
 
 check_fuzz() {
@@ -278,6 +301,7 @@ all)
 	check_vet
 	check_lint
 	check_test
+	check_bench_smoke
 	check_e2e
 	step "all checks passed"
 	;;

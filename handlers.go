@@ -324,7 +324,12 @@ func isJSONType(contentType string) bool {
 
 // ---- preconditions --------------------------------------------------------------
 
-func etag(version string) string { return `"` + version + `"` }
+func etag(v Version) string {
+	var tag [34]byte
+	tag[0], tag[33] = '"', '"'
+	hex.Encode(tag[1:33], v[:])
+	return string(tag[:])
+}
 
 // ifMatch returns the If-Match precondition for the store: nil when absent.
 // If-Match compares strongly, so a weak tag never matches.
@@ -343,9 +348,9 @@ func ifMatch(r *http.Request) []string {
 }
 
 // noneMatch reports whether If-None-Match names version (weak comparison).
-func noneMatch(values []string, version string) bool {
+func noneMatch(values []string, version Version) bool {
 	for _, tag := range entityTags(values) {
-		if tag == "*" || strings.Trim(strings.TrimPrefix(tag, "W/"), `"`) == version {
+		if tag == "*" || version.matches(strings.Trim(strings.TrimPrefix(tag, "W/"), `"`)) {
 			return true
 		}
 	}

@@ -186,7 +186,7 @@ func NewRecord(e Entry) (Record, error) {
 		return Record{}, fmt.Errorf("encoding entry: %w", err)
 	}
 	sum := sha256.Sum256(data)
-	return Record{JSON: data, Version: hex.EncodeToString(sum[:16])}, nil
+	return Record{JSON: data, Version: Version(sum[:16])}, nil
 }
 
 // Create stores a new entry and returns its id and stored form.

@@ -300,8 +300,8 @@ func TestRecordVersionFollowsContent(t *testing.T) {
 	if a.Version == b.Version {
 		t.Errorf("different content shares version %s", a.Version)
 	}
-	if len(a.Version) != 32 {
-		t.Errorf("version %q is not 32 characters", a.Version)
+	if v := a.Version.String(); len(v) != 32 || !a.Version.matches(v) {
+		t.Errorf("version %q is not 32 hex characters that match it", v)
 	}
 }
 
@@ -338,7 +338,7 @@ func TestServiceOperations(t *testing.T) {
 	if _, err := svc.Replace(ctx, id, Entry{FullName: "B"}, []string{"stale"}); !errors.Is(err, ErrPreconditionFailed) {
 		t.Errorf("Replace with a stale version: %v, want ErrPreconditionFailed", err)
 	}
-	rec2, err := svc.Replace(ctx, id, Entry{FullName: "B"}, []string{"other", rec.Version})
+	rec2, err := svc.Replace(ctx, id, Entry{FullName: "B"}, []string{"other", rec.Version.String()})
 	if err != nil {
 		t.Fatalf("Replace with the current version among others: %v", err)
 	}
@@ -348,10 +348,10 @@ func TestServiceOperations(t *testing.T) {
 	if _, err := svc.Replace(ctx, id, Entry{FullName: "C"}, []string{}); !errors.Is(err, ErrPreconditionFailed) {
 		t.Errorf("Replace with an empty tag list: %v, want ErrPreconditionFailed", err)
 	}
-	if err := svc.Delete(ctx, id, []string{rec.Version}); !errors.Is(err, ErrPreconditionFailed) {
+	if err := svc.Delete(ctx, id, []string{rec.Version.String()}); !errors.Is(err, ErrPreconditionFailed) {
 		t.Errorf("Delete with the old version: %v, want ErrPreconditionFailed", err)
 	}
-	if err := svc.Delete(ctx, id, []string{rec2.Version}); err != nil {
+	if err := svc.Delete(ctx, id, []string{rec2.Version.String()}); err != nil {
 		t.Errorf("Delete with the current version: %v", err)
 	}
 	if err := svc.Delete(ctx, id, nil); !errors.Is(err, ErrNotFound) {
@@ -421,7 +421,7 @@ func TestSortedItemsMatchesASortedSlice(t *testing.T) {
 			want = slices.DeleteFunc(want, func(v Item) bool { return v.ID == id })
 			continue
 		}
-		it := Item{ID: randomID(), Record: Record{Version: fmt.Sprint(i)}}
+		it := Item{ID: randomID(), Record: Record{Version: Version{byte(i), byte(i >> 8)}}}
 		x.set(it)
 		if j, found := slices.BinarySearchFunc(want, it.ID, compareItem); found {
 			want[j] = it
@@ -480,7 +480,7 @@ func TestConcurrentConditionalReplaceHasOneWinner(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			_, err := svc.Replace(ctx, id, Entry{FullName: fmt.Sprint("writer ", i)}, []string{rec.Version})
+			_, err := svc.Replace(ctx, id, Entry{FullName: fmt.Sprint("writer ", i)}, []string{rec.Version.String()})
 			errs <- err
 		}()
 	}
@@ -937,7 +937,7 @@ func seededStore(b *testing.B, n int) (*MapStore, []ID, Record) {
 	ids := make([]ID, n)
 	for i := range ids {
 		ids[i] = g.next()
-		s.Insert(context.Background(), ids[i], Record{JSON: bytes.Clone(rec.JSON), Version: strings.Clone(rec.Version)})
+		s.Insert(context.Background(), ids[i], Record{JSON: bytes.Clone(rec.JSON), Version: rec.Version})
 	}
 	return s, ids, rec
 }

@@ -7,6 +7,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -24,7 +25,21 @@ import (
 // version that changes whenever the JSON does (served as the ETag).
 type Record struct {
 	JSON    []byte
-	Version string
+	Version Version
+}
+
+// Version identifies one content of an entry. It holds no pointer, so a
+// million stored versions give the garbage collector nothing to trace.
+type Version [16]byte
+
+// String returns the version as 32 lowercase hex characters.
+func (v Version) String() string { return hex.EncodeToString(v[:]) }
+
+// matches reports whether tag, as a client wrote it, is this version.
+func (v Version) matches(tag string) bool {
+	var text [32]byte
+	hex.Encode(text[:], v[:])
+	return tag == string(text[:])
 }
 
 // Item is one entry of a listing.
@@ -51,12 +66,12 @@ type Store interface {
 	Close() error
 }
 
-func versionMatches(version string, ifMatch []string) bool {
+func versionMatches(version Version, ifMatch []string) bool {
 	if ifMatch == nil {
 		return true
 	}
 	for _, tag := range ifMatch {
-		if tag == "*" || tag == version {
+		if tag == "*" || version.matches(tag) {
 			return true
 		}
 	}
