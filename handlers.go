@@ -168,9 +168,10 @@ func listEntries(svc *Service) apiFunc {
 			if i > 0 {
 				buf.WriteByte(',')
 			}
-			buf.WriteByte('"')
-			buf.WriteString(it.ID.String())
-			buf.WriteString(`":`)
+			var key [35]byte // "<32 hex>":
+			key[0], key[33], key[34] = '"', '"', ':'
+			hex.Encode(key[1:33], it.ID[:])
+			buf.Write(key[:])
 			buf.Write(it.JSON)
 		}
 		buf.WriteByte('}')
