@@ -21,6 +21,18 @@ COVERAGE_FLOOR=90
 
 step() { printf '\n== %s\n' "$*"; }
 
+# wait_for FILE SED_SCRIPT prints what the sed script finds in FILE, waiting
+# up to 10 s for it; it fails when nothing turns up.
+wait_for() {
+	local found
+	for _ in $(seq 100); do
+		found=$(sed -n "$2" "$1")
+		[[ -n $found ]] && { echo "$found"; return 0; }
+		sleep 0.1
+	done
+	return 1
+}
+
 check_fmt() {
 	step "gofmt"
 	local bad
@@ -119,12 +131,7 @@ check_e2e() {
 		: >"$tmp/log" # exists before the first look at it
 		"$bin" -addr 127.0.0.1:0 "$@" >"$tmp/log" 2>&1 &
 		pid=$!
-		addr=""
-		for _ in $(seq 100); do
-			addr=$(sed -n 's/.*msg=starting addr=\([^ ]*\).*/\1/p' "$tmp/log")
-			[[ -n $addr ]] && return 0
-			sleep 0.05
-		done
+		addr=$(wait_for "$tmp/log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') && return 0
 		echo "the binary did not start:"; cat "$tmp/log"; return 1
 	}
 
@@ -234,13 +241,7 @@ check_load() {
 		: >"$tmp/service.log"
 		GOMAXPROCS=1 "${server_cpu[@]}" "$tmp/addrservice" -addr 127.0.0.1:0 -log-level info >"$tmp/service.log" 2>&1 &
 		pid=$!
-		addr=""
-		for _ in $(seq 100); do
-			addr=$(sed -n 's/.*msg=starting addr=\([^ ]*\).*/\1/p' "$tmp/service.log")
-			[[ -n $addr ]] && break
-			sleep 0.1
-		done
-		[[ -n $addr ]] || { echo "the service did not start"; return 1; }
+		addr=$(wait_for "$tmp/service.log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the service did not start"; return 1; }
 		base=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
 		# Seed through the API; seed.lua stops at the count, wrk at its duration.
 		local count=0 after page
@@ -264,13 +265,7 @@ check_load() {
 		ADDRSERVICE_CEILING_FROM="http://$addr" ADDRSERVICE_CEILING_ID=$(head -n 1 "$tmp/ids") GOMAXPROCS=1 "${server_cpu[@]}" \
 			"$tmp/addrservice.test" -test.run '^TestCeilingServer$' >"$tmp/ceiling.log" 2>&1 &
 		cpid=$!
-		caddr=""
-		for _ in $(seq 100); do
-			caddr=$(sed -n 's/^ceiling addr=//p' "$tmp/ceiling.log")
-			[[ -n $caddr ]] && break
-			sleep 0.1
-		done
-		[[ -n $caddr ]] || { echo "the ceiling did not start"; cat "$tmp/ceiling.log"; return 1; }
+		caddr=$(wait_for "$tmp/ceiling.log" 's/^ceiling addr=//p') || { echo "the ceiling did not start"; cat "$tmp/ceiling.log"; return 1; }
 
 		printf '%-8s %4s %12s %10s %12s %10s %7s\n' workload run service p99 ceiling p99 ratio
 		for workload in get list mixed post; do

@@ -124,16 +124,7 @@ func OpenMapStore(dir string) (*MapStore, error) {
 // Insert adds a record under a new id.
 func (s *MapStore) Insert(_ context.Context, id ID, rec Record) error {
 	defer s.writers.lock(id)()
-	return s.write(func() error {
-		if err := s.files.write(id, rec.JSON); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		s.records[id] = rec
-		s.order.set(Item{id, rec})
-		s.mu.Unlock()
-		return nil
-	})
+	return s.write(func() error { return s.put(id, rec) })
 }
 
 // Get returns the record stored under id.
@@ -154,15 +145,21 @@ func (s *MapStore) Replace(_ context.Context, id ID, rec Record, ifMatch []strin
 		if err := s.check(id, ifMatch); err != nil {
 			return err
 		}
-		if err := s.files.write(id, rec.JSON); err != nil {
-			return err
-		}
-		s.mu.Lock()
-		s.records[id] = rec
-		s.order.set(Item{id, rec})
-		s.mu.Unlock()
-		return nil
+		return s.put(id, rec)
 	})
+}
+
+// put writes rec through to disk, then makes it what reads see. The caller
+// holds id's writer lock.
+func (s *MapStore) put(id ID, rec Record) error {
+	if err := s.files.write(id, rec.JSON); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.records[id] = rec
+	s.order.set(Item{id, rec})
+	s.mu.Unlock()
+	return nil
 }
 
 // Delete removes the record under id if ifMatch holds.

@@ -1,11 +1,6 @@
--- POST the entry in ENTRY_FILE until SEED_COUNT have been created, then stop.
-local f = assert(io.open(os.getenv("ENTRY_FILE")))
-local body = f:read("*a")
-f:close()
-wrk.method = "POST"
-wrk.path = "/addresses"
-wrk.body = body
-wrk.headers["Content-Type"] = "application/json"
+-- POST the entry in ENTRY_FILE (as post.lua does) until SEED_COUNT have
+-- been created, then stop sending.
+dofile("testdata/load/post.lua")
 local want = tonumber(os.getenv("SEED_COUNT"))
 local created = 0
 
