@@ -67,9 +67,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	if getenv("GOGC") == "" {
-		go tuneGC(ctx)
-	}
+	cfg.tuneGC = getenv("GOGC") == "" // an operator's GOGC wins
 	return serve(ctx, cfg, stdout)
 }
 
@@ -82,6 +80,7 @@ type config struct {
 	maxBody         int64
 	shutdownTimeout time.Duration
 	timeouts        serverTimeouts
+	tuneGC          bool // see tuneGC
 }
 
 // serverTimeouts bound how long a client may hold a connection. They are not
@@ -202,6 +201,12 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
 		return err
+	}
+
+	if cfg.tuneGC {
+		gcCtx, stopGC := context.WithCancel(ctx)
+		defer stopGC()
+		go tuneGC(gcCtx)
 	}
 
 	var ready atomic.Bool
