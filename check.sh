@@ -121,11 +121,12 @@ check_fuzz() {
 check_e2e() {
 	step "end to end against the built binary"
 	command -v curl >/dev/null || { echo "e2e needs curl"; return 1; }
-	local tmp bin pid addr status
-	tmp=$(mktemp -d)
+	local bin addr status
+	tmp=$(mktemp -d) pid="" # global, so the EXIT trap can clean up after set -e
+	trap 'kill -9 ${pid:-} 2>/dev/null || true; rm -rf "$tmp"' EXIT
 	bin="$tmp/addrservice"
 	go build -o "$bin" .
-	trap 'kill -9 ${pid:-} 2>/dev/null || true; rm -rf "$tmp"' RETURN
+	trap 'kill -9 ${pid:-} 2>/dev/null || true; rm -rf "$tmp"; trap - EXIT RETURN' RETURN
 
 	e2e_start() { # starts the binary with "$@" and sets pid and addr
 		: >"$tmp/log" # exists before the first look at it
@@ -223,9 +224,10 @@ check_load() {
 		echo "skipped: the load test needs wrk on the PATH (apt-get install wrk, or brew install wrk)"
 		return 0
 	fi
-	local tmp pid cpid addr caddr n run workload target out rps p99 non2xx rss base
-	tmp=$(mktemp -d)
-	trap 'kill ${pid:-} ${cpid:-} 2>/dev/null || true; rm -rf "$tmp"' RETURN
+	local addr caddr n run workload target out rps p99 non2xx rss base
+	tmp=$(mktemp -d) pid="" cpid="" # global, so the EXIT trap can clean up after set -e
+	trap 'kill ${pid:-} ${cpid:-} 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	trap 'kill ${pid:-} ${cpid:-} 2>/dev/null || true; rm -rf "$tmp"; trap - EXIT RETURN' RETURN
 	go build -o "$tmp/addrservice" .
 	go test -c -o "$tmp/addrservice.test" .
 	local server_cpu=() load_cpu=()
