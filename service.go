@@ -312,7 +312,7 @@ func (d *entryDecoder) fields(v jsonValue, object fieldPath, required []string, 
 		d.fail(object, "must be an object")
 		return
 	}
-	var seen map[string]bool // only for objects too large to search by eye
+	var seen map[string]bool // for large objects, where searching for repeats would be quadratic
 	if len(v.members) > 16 {
 		seen = make(map[string]bool, len(v.members))
 	}
