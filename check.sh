@@ -246,8 +246,9 @@ check_load() {
 		addr=$(wait_for "$tmp/service.log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the service did not start"; return 1; }
 		base=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
 		# Seed through the API; seed.lua stops at the count, wrk at its duration.
-		local count=0 after page
+		local count=0 after page tries=0
 		while ((count < n)); do
+			((tries++ < 5)) || { echo "seeding stopped at $count of $n entries"; return 1; }
 			SEED_COUNT=$((n - count)) "${load_cpu[@]}" wrk -t1 -c64 -d"$(((n - count) / 8000 + 2))s" -s testdata/load/seed.lua "http://$addr" >/dev/null
 			: >"$tmp/ids"
 			after=""
