@@ -587,14 +587,15 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 		}
 		// Built by hand rather than with log.LogAttrs, which spends more
 		// time finding the caller's source line than the record is worth.
-		rec := slog.NewRecord(time.Now(), level, "request", 0)
+		end := time.Now()
+		rec := slog.NewRecord(end, level, "request", 0)
 		rec.AddAttrs(
 			slog.String("method", r.Method),
 			slog.String("path", r.URL.Path),
 			slog.String("route", r.Pattern),
 			slog.Int("status", sw.status),
 			slog.Int64("bytes", sw.bytes),
-			slog.Duration("duration", time.Since(start)),
+			slog.Duration("duration", end.Sub(start)),
 			slog.String("remote", r.RemoteAddr),
 		)
 		log.Handler().Handle(r.Context(), rec)

@@ -289,8 +289,8 @@ func openStore(dataDir string) (Store, error) {
 }
 
 // newLogger returns a logger whose records carry the request id of the
-// context they are logged with. When w is a *logBuffer, records at WARN and
-// above are flushed at once.
+// context they are logged with. When w buffers (has a Flush method, as
+// logBuffer does), records at WARN and above are flushed at once.
 func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: level}
 	var h slog.Handler = slog.NewTextHandler(w, opts)
@@ -298,7 +298,7 @@ func newLogger(w io.Writer, format string, level slog.Level) *slog.Logger {
 		h = slog.NewJSONHandler(w, opts)
 	}
 	flush := func() {}
-	if b, ok := w.(*logBuffer); ok {
+	if b, ok := w.(interface{ Flush() }); ok {
 		flush = b.Flush
 	}
 	return slog.New(logHandler{h, flush})

@@ -78,9 +78,9 @@ func versionMatches(version Version, ifMatch []string) bool {
 	return false
 }
 
-// MapStore keeps every record in a map guarded by a mutex, with an index that
-// keeps ids sorted so a page costs the same however large the book is. The
-// map is always what serves reads. Opened on a directory, it also writes
+// MapStore keeps every record in a map guarded by a mutex, and the same
+// records in id order (sortedItems) so a page costs the same however large
+// the book is. Memory is always what serves reads. Opened on a directory, it also writes
 // every change through to one file per entry before acknowledging it.
 type MapStore struct {
 	mu      sync.RWMutex // guards records and order; never held during disk I/O
