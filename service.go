@@ -87,7 +87,6 @@ const (
 	maxListItems  = 64
 	maxTextLength = 256 // in Unicode characters, not bytes
 	maxCountry    = 999 // largest country calling code
-	maxJSONDepth  = 32  // an entry nests 3 deep; this only stops stack abuse
 )
 
 // ---- errors -----------------------------------------------------------------
@@ -98,11 +97,13 @@ var (
 	ErrPreconditionFailed = errors.New("the entry has changed since the given ETag")
 )
 
-// InvalidError says the client's input is unusable. Fields lists every field
-// that broke a rule; it is empty when the input was not a JSON object at all.
+// InvalidError says the client's input is unusable. Fields lists the fields
+// that broke a rule, up to maxFieldErrors, and More counts the rest; Fields is
+// empty when the input was not a JSON object at all.
 type InvalidError struct {
 	Detail string
 	Fields []FieldError
+	More   int
 }
 
 // FieldError names one bad field by its path, such as addresses[1].pincode.
@@ -259,34 +260,57 @@ func (s *Service) List(ctx context.Context, after ID, limit int) (Page, error) {
 // must match a field exactly and only once, nothing may be null, numbers must
 // be integer literals, and every broken rule is reported, not just the first.
 func ParseEntry(data []byte) (Entry, error) {
+	return decode(data, (*decoder).entry)
+}
+
+// decode parses data as one JSON object and maps it onto a T with object,
+// which reports every broken rule through d. Every resource is read this way:
+// a new one needs only its own object function, built from the decoder's
+// methods (fields, list, text, optionalText, positive, intOrText, oneOf,
+// emailAddress).
+func decode[T any](data []byte, object func(d *decoder, v jsonValue) T) (T, error) {
+	var zero T
 	v, err := parseJSON(data)
 	if err != nil {
-		return Entry{}, err
+		return zero, err
 	}
 	if v.kind != jsonObject {
-		return Entry{}, invalid("the body must be a JSON object, not %s", v.kind)
+		return zero, invalid("the body must be a JSON object, not %s", v.kind)
 	}
-	var d entryDecoder
-	e := d.entry(v)
+	var d decoder
+	out := object(&d, v)
 	if len(d.errs) > 0 {
-		return Entry{}, &InvalidError{Detail: "the entry is not valid; see errors", Fields: d.errs}
+		detail := "the body is not valid; see errors"
+		if d.more > 0 {
+			detail = fmt.Sprintf("the body is not valid; errors lists the first %d of %d problems", len(d.errs), len(d.errs)+d.more)
+		}
+		return zero, &InvalidError{Detail: detail, Fields: d.errs, More: d.more}
 	}
-	return e, nil
+	return out, nil
 }
 
-// entryDecoder maps a parsed JSON value onto an Entry, collecting every
-// broken rule with the path of its field.
-type entryDecoder struct {
+// maxFieldErrors bounds the errors one response lists, so a body built of
+// mistakes cannot make an answer larger than itself.
+const maxFieldErrors = 100
+
+// decoder maps a parsed JSON value onto a Go value, collecting every broken
+// rule with the path of its field.
+type decoder struct {
 	errs []FieldError
+	more int // broken rules past maxFieldErrors, counted but not listed
 }
 
-func (d *entryDecoder) fail(at fieldPath, message string) {
+func (d *decoder) fail(at fieldPath, message string) {
+	if len(d.errs) == maxFieldErrors {
+		d.more++
+		return
+	}
 	d.errs = append(d.errs, FieldError{Field: at.String(), Message: message})
 }
 
 // fieldPath names a field: a top-level key, an item of a top-level list,
-// or a key inside such an item (an entry nests no deeper). It becomes text
-// only when the field breaks a rule, so a valid entry builds no paths.
+// or a key inside such an item (a resource nests no deeper). It becomes text
+// only when the field breaks a rule, so a valid body builds no paths.
 type fieldPath struct {
 	list  string // "" at the top level
 	index int
@@ -307,7 +331,7 @@ func (p fieldPath) String() string {
 // fields calls field for each member of object v, reporting members that are
 // unknown (field returns false), repeated, or null. Each name in required
 // that the object lacks is reported as missing.
-func (d *entryDecoder) fields(v jsonValue, object fieldPath, required []string, field func(key string, v jsonValue, at fieldPath) bool) {
+func (d *decoder) fields(v jsonValue, object fieldPath, required []string, field func(key string, v jsonValue, at fieldPath) bool) {
 	if v.kind != jsonObject {
 		d.fail(object, "must be an object")
 		return
@@ -361,7 +385,7 @@ func hasKey(members []jsonMember, key string) bool {
 
 // list calls item for each element of array v and returns a non-nil slice
 // (empty for []), so a list the client sent is never confused with none.
-func list[T any](d *entryDecoder, v jsonValue, at fieldPath, item func(v jsonValue, at fieldPath) T) []T {
+func list[T any](d *decoder, v jsonValue, at fieldPath, item func(d *decoder, v jsonValue, at fieldPath) T) []T {
 	if v.kind == jsonUnknown { // null, reported by fields
 		return nil
 	}
@@ -369,31 +393,31 @@ func list[T any](d *entryDecoder, v jsonValue, at fieldPath, item func(v jsonVal
 		d.fail(at, "must be a list")
 		return nil
 	}
-	if len(v.items) > maxListItems {
+	if v.over {
 		d.fail(at, fmt.Sprintf("must have at most %d items", maxListItems))
 		return nil
 	}
 	out := make([]T, 0, len(v.items))
 	for i, it := range v.items {
-		out = append(out, item(it, fieldPath{list: at.key, index: i}))
+		out = append(out, item(d, it, fieldPath{list: at.key, index: i}))
 	}
 	return out
 }
 
-func (d *entryDecoder) entry(v jsonValue) Entry {
+func (d *decoder) entry(v jsonValue) Entry {
 	var e Entry
 	d.fields(v, fieldPath{}, []string{"full_name"}, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "full_name":
 			e.FullName = d.text(v, p, true)
 		case "addresses":
-			e.Addresses = list(d, v, p, d.address)
+			e.Addresses = list(d, v, p, (*decoder).address)
 		case "phone_numbers":
-			e.PhoneNumbers = list(d, v, p, d.phone)
+			e.PhoneNumbers = list(d, v, p, (*decoder).phone)
 		case "fax_numbers":
-			e.FaxNumbers = list(d, v, p, d.phone)
+			e.FaxNumbers = list(d, v, p, (*decoder).phone)
 		case "emails":
-			e.Emails = list(d, v, p, d.email)
+			e.Emails = list(d, v, p, (*decoder).email)
 		default:
 			return false
 		}
@@ -402,13 +426,13 @@ func (d *entryDecoder) entry(v jsonValue) Entry {
 	return e
 }
 
-func (d *entryDecoder) address(v jsonValue, item fieldPath) Address {
+func (d *decoder) address(v jsonValue, item fieldPath) Address {
 	var a Address
 	required := []string{"kind", "street_name", "pincode", "country"}
 	d.fields(v, item, required, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
-			a.Kind = d.kind(v, p)
+			a.Kind = d.oneOf(v, p, "home", "work")
 		case "building_name":
 			a.BuildingName = d.optionalText(v, p)
 		case "unit_number":
@@ -435,13 +459,13 @@ func (d *entryDecoder) address(v jsonValue, item fieldPath) Address {
 	return a
 }
 
-func (d *entryDecoder) phone(v jsonValue, item fieldPath) Phone {
+func (d *decoder) phone(v jsonValue, item fieldPath) Phone {
 	var ph Phone
 	required := []string{"kind", "country_code", "local_number"}
 	d.fields(v, item, required, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
-			ph.Kind = d.kind(v, p)
+			ph.Kind = d.oneOf(v, p, "home", "work")
 		case "country_code":
 			if n := d.positive(v, p); n > maxCountry {
 				d.fail(p, fmt.Sprintf("must be an integer from 1 to %d", maxCountry))
@@ -460,17 +484,14 @@ func (d *entryDecoder) phone(v jsonValue, item fieldPath) Phone {
 	return ph
 }
 
-func (d *entryDecoder) email(v jsonValue, item fieldPath) Email {
+func (d *decoder) email(v jsonValue, item fieldPath) Email {
 	var em Email
 	d.fields(v, item, []string{"kind", "email"}, func(key string, v jsonValue, p fieldPath) bool {
 		switch key {
 		case "kind":
-			em.Kind = d.kind(v, p)
+			em.Kind = d.oneOf(v, p, "home", "work")
 		case "email":
-			em.Email = d.text(v, p, true)
-			if em.Email != "" && !isBareEmail(em.Email) {
-				d.fail(p, "must be a bare e-mail address such as ada@example.org")
-			}
+			em.Email = d.emailAddress(v, p)
 		default:
 			return false
 		}
@@ -479,23 +500,48 @@ func (d *entryDecoder) email(v jsonValue, item fieldPath) Email {
 	return em
 }
 
-// isBareEmail accepts what net/mail parses as an address with no display
-// name, written exactly as its own address part ("Ada <a@b>" is refused).
-func isBareEmail(s string) bool {
-	addr, err := mail.ParseAddress(s)
-	return err == nil && addr.Name == "" && addr.Address == s
-}
-
-func (d *entryDecoder) kind(v jsonValue, path fieldPath) string {
+// emailAddress checks a required e-mail address field: what net/mail parses
+// as an address with no display name, written exactly as its own address
+// part ("Ada <a@b>" is refused).
+func (d *decoder) emailAddress(v jsonValue, path fieldPath) string {
 	s := d.text(v, path, true)
-	if s != "" && s != "home" && s != "work" {
-		d.fail(path, `must be "home" or "work"`)
+	if s == "" {
+		return ""
+	}
+	if addr, err := mail.ParseAddress(s); err != nil || addr.Name != "" || addr.Address != s {
+		d.fail(path, "must be a bare e-mail address such as ada@example.org")
+		return ""
 	}
 	return s
 }
 
+// oneOf checks a required string field that must be one of choices.
+func (d *decoder) oneOf(v jsonValue, path fieldPath, choices ...string) string {
+	s := d.text(v, path, true)
+	if s != "" && !slices.Contains(choices, s) {
+		d.fail(path, "must be "+quotedChoices(choices))
+	}
+	return s
+}
+
+// quotedChoices writes "a", "b" or "c".
+func quotedChoices(choices []string) string {
+	var b strings.Builder
+	for i, c := range choices {
+		switch {
+		case i == 0:
+		case i == len(choices)-1:
+			b.WriteString(" or ")
+		default:
+			b.WriteString(", ")
+		}
+		b.WriteString(strconv.Quote(c))
+	}
+	return b.String()
+}
+
 // text checks a string field; nonBlank fields must hold more than spaces.
-func (d *entryDecoder) text(v jsonValue, path fieldPath, nonBlank bool) string {
+func (d *decoder) text(v jsonValue, path fieldPath, nonBlank bool) string {
 	if v.kind == jsonUnknown {
 		return ""
 	}
@@ -503,14 +549,16 @@ func (d *entryDecoder) text(v jsonValue, path fieldPath, nonBlank bool) string {
 		d.fail(path, "must be a string")
 		return ""
 	}
-	if msg := checkText(v.text, nonBlank); msg != "" {
+	if msg := checkText(v, nonBlank); msg != "" {
 		d.fail(path, msg)
 		return ""
 	}
 	return v.text
 }
 
-func (d *entryDecoder) optionalText(v jsonValue, path fieldPath) *string {
+// optionalText checks a string field that may be left out or empty; a
+// pointer keeps "" apart from absent.
+func (d *decoder) optionalText(v jsonValue, path fieldPath) *string {
 	if v.kind != jsonString {
 		d.text(v, path, false) // reports the type
 		return nil
@@ -519,14 +567,15 @@ func (d *entryDecoder) optionalText(v jsonValue, path fieldPath) *string {
 	return &s
 }
 
-func checkText(s string, nonBlank bool) string {
-	if utf8.RuneCountInString(s) > maxTextLength {
+// checkText returns what is wrong with string v, or "".
+func checkText(v jsonValue, nonBlank bool) string {
+	if v.over {
 		return fmt.Sprintf("must be at most %d characters", maxTextLength)
 	}
-	if strings.IndexFunc(s, unicode.IsControl) >= 0 {
+	if strings.IndexFunc(v.text, unicode.IsControl) >= 0 {
 		return "must not contain control characters"
 	}
-	if nonBlank && strings.TrimSpace(s) == "" {
+	if nonBlank && strings.TrimSpace(v.text) == "" {
 		return "must not be blank"
 	}
 	return ""
@@ -534,7 +583,7 @@ func checkText(s string, nonBlank bool) string {
 
 // positive accepts an integer literal greater than 0 that fits in an int64;
 // 7.0 and 1e2 are numbers but not integer literals, so they are refused.
-func (d *entryDecoder) positive(v jsonValue, path fieldPath) int64 {
+func (d *decoder) positive(v jsonValue, path fieldPath) int64 {
 	if v.kind == jsonUnknown {
 		return 0
 	}
@@ -553,12 +602,14 @@ func positiveInt(v jsonValue) (int64, bool) {
 	return n, err == nil && n > 0
 }
 
-func (d *entryDecoder) intOrText(v jsonValue, path fieldPath) IntOrText {
+// intOrText accepts a positive integer or a non-blank string and remembers
+// which it was.
+func (d *decoder) intOrText(v jsonValue, path fieldPath) IntOrText {
 	switch v.kind {
 	case jsonUnknown:
 		return IntOrText{}
 	case jsonString:
-		if msg := checkText(v.text, true); msg != "" {
+		if msg := checkText(v, true); msg != "" {
 			d.fail(path, msg)
 			return IntOrText{}
 		}
@@ -578,6 +629,7 @@ func (d *entryDecoder) intOrText(v jsonValue, path fieldPath) IntOrText {
 // and the literal text of numbers (so 7.0 is not mistaken for 7).
 type jsonValue struct {
 	kind    jsonKind
+	over    bool   // a string over maxTextLength characters or a list over maxListItems items: the text, or the items past the limit, were not kept
 	text    string // a string's value, a number's literal
 	items   []jsonValue
 	members []jsonMember
@@ -604,6 +656,18 @@ func (k jsonKind) String() string {
 	return [...]string{"nothing", "null", "a boolean", "a number", "a string", "an array", "an object"}[k]
 }
 
+// What the parser keeps of a body is bounded while it reads, never after:
+// a list's items past maxListItems and a string's text past maxTextLength
+// characters are checked and dropped, and a body with more members to an
+// object or more values in all than any valid resource has is refused at
+// that point. So no body costs more memory than a small multiple of itself,
+// whatever it holds.
+const (
+	maxJSONDepth     = 32   // a resource nests 3 deep; this only stops stack abuse
+	maxObjectMembers = 64   // an address, the largest object, has 10 fields
+	maxJSONValues    = 4096 // an entry with every list full holds about 1,550
+)
+
 // parseJSON parses exactly one JSON value (RFC 8259) of valid UTF-8, refusing
 // lone UTF-16 surrogates and nesting deeper than maxJSONDepth.
 func parseJSON(data []byte) (jsonValue, error) {
@@ -612,14 +676,17 @@ func parseJSON(data []byte) (jsonValue, error) {
 		clear(p.members[:cap(p.members)]) // drop references into the parsed body
 		clear(p.items[:cap(p.items)])
 		p.data, p.members, p.items = nil, p.members[:0], p.items[:0]
+		if cap(p.scratch) > 64<<10 { // let a rare huge string's buffer go
+			p.scratch = nil
+		}
 		parsers.Put(p)
 	}()
-	p.data, p.pos = data, 0
+	p.data, p.pos, p.values = data, 0, 0
 	p.space()
 	if p.pos == len(data) {
 		return jsonValue{}, invalid("the body is empty; it must be a JSON object")
 	}
-	v, err := p.value(0)
+	v, err := p.value(0, true)
 	if err != nil {
 		return jsonValue{}, err
 	}
@@ -634,12 +701,14 @@ func parseJSON(data []byte) (jsonValue, error) {
 var parsers = sync.Pool{New: func() any { return new(jsonParser) }}
 
 type jsonParser struct {
-	data []byte
-	pos  int
+	data   []byte
+	pos    int
+	values int // values kept so far, against maxJSONValues
 	// Members and items of the containers being parsed, shared as stacks so
 	// that each container allocates once, at its exact size, when it ends.
 	members []jsonMember
 	items   []jsonValue
+	scratch []byte // a string with escapes, decoded
 }
 
 func (p *jsonParser) errorf(what string) error {
@@ -660,23 +729,30 @@ func (p *jsonParser) space() {
 	}
 }
 
-func (p *jsonParser) value(depth int) (jsonValue, error) {
+// value parses the value at p.pos. Unless keep is set it only checks it,
+// and the result holds no more than its kind.
+func (p *jsonParser) value(depth int, keep bool) (jsonValue, error) {
 	if depth > maxJSONDepth {
 		return jsonValue{}, invalid("the body is not valid JSON: nested deeper than %d levels", maxJSONDepth)
+	}
+	if keep {
+		if p.values++; p.values > maxJSONValues {
+			return jsonValue{}, invalid("the body holds more than %d JSON values, more than any valid body; refused at byte %d", maxJSONValues, p.pos)
+		}
 	}
 	if p.pos >= len(p.data) {
 		return jsonValue{}, p.errorf("")
 	}
 	switch c := p.data[p.pos]; {
 	case c == '{':
-		return p.object(depth)
+		return p.object(depth, keep)
 	case c == '[':
-		return p.array(depth)
+		return p.array(depth, keep)
 	case c == '"':
-		s, err := p.string()
-		return jsonValue{kind: jsonString, text: s}, err
+		s, over, err := p.string(keep)
+		return jsonValue{kind: jsonString, text: s, over: over}, err
 	case c == '-' || (c >= '0' && c <= '9'):
-		return p.number()
+		return p.number(keep)
 	case p.literal("true"), p.literal("false"):
 		return jsonValue{kind: jsonBool}, nil
 	case p.literal("null"):
@@ -686,7 +762,7 @@ func (p *jsonParser) value(depth int) (jsonValue, error) {
 }
 
 func (p *jsonParser) literal(word string) bool {
-	if strings.HasPrefix(string(p.data[p.pos:min(len(p.data), p.pos+len(word))]), word) {
+	if len(p.data)-p.pos >= len(word) && string(p.data[p.pos:p.pos+len(word)]) == word {
 		p.pos += len(word)
 		return true
 	}
@@ -702,7 +778,21 @@ func (p *jsonParser) consume(c byte) bool {
 	return false
 }
 
-func (p *jsonParser) object(depth int) (jsonValue, error) {
+// separator reads what follows a container's element: ',' (more to come)
+// or the closing byte (done).
+func (p *jsonParser) separator(closing byte) (done bool, err error) {
+	p.space()
+	switch {
+	case p.consume(','):
+		p.space()
+		return false, nil
+	case p.consume(closing):
+		return true, nil
+	}
+	return false, p.errorf("expected ',' or '" + string(closing) + "'")
+}
+
+func (p *jsonParser) object(depth int, keep bool) (jsonValue, error) {
 	v := jsonValue{kind: jsonObject}
 	p.pos++ // {
 	p.space()
@@ -711,11 +801,14 @@ func (p *jsonParser) object(depth int) (jsonValue, error) {
 	}
 	start := len(p.members)
 	defer func() { p.members = p.members[:start] }()
-	for {
+	for n := 1; ; n++ {
+		if n > maxObjectMembers {
+			return v, invalid("the body has an object with more than %d members, more than any valid body; refused at byte %d", maxObjectMembers, p.pos)
+		}
 		if p.pos >= len(p.data) || p.data[p.pos] != '"' {
 			return v, p.errorf("expected a quoted key")
 		}
-		key, err := p.key()
+		key, err := p.key(keep)
 		if err != nil {
 			return v, err
 		}
@@ -724,25 +817,23 @@ func (p *jsonParser) object(depth int) (jsonValue, error) {
 			return v, p.errorf("expected ':'")
 		}
 		p.space()
-		val, err := p.value(depth + 1)
+		val, err := p.value(depth+1, keep)
 		if err != nil {
 			return v, err
 		}
-		p.members = append(p.members, jsonMember{key: key, value: val})
-		p.space()
-		switch {
-		case p.consume(','):
-			p.space()
-		case p.consume('}'):
-			v.members = slices.Clone(p.members[start:])
-			return v, nil
-		default:
-			return v, p.errorf("expected ',' or '}'")
+		if keep {
+			p.members = append(p.members, jsonMember{key: key, value: val})
+		}
+		if done, err := p.separator('}'); done || err != nil {
+			if keep && err == nil {
+				v.members = slices.Clone(p.members[start:])
+			}
+			return v, err
 		}
 	}
 }
 
-func (p *jsonParser) array(depth int) (jsonValue, error) {
+func (p *jsonParser) array(depth int, keep bool) (jsonValue, error) {
 	v := jsonValue{kind: jsonArray, items: []jsonValue{}}
 	p.pos++ // [
 	p.space()
@@ -751,28 +842,29 @@ func (p *jsonParser) array(depth int) (jsonValue, error) {
 	}
 	start := len(p.items)
 	defer func() { p.items = p.items[:start] }()
-	for {
-		item, err := p.value(depth + 1)
+	for n := 0; ; n++ {
+		keepItem := keep && n < maxListItems
+		v.over = keep && n >= maxListItems
+		item, err := p.value(depth+1, keepItem)
 		if err != nil {
 			return v, err
 		}
-		p.items = append(p.items, item)
-		p.space()
-		switch {
-		case p.consume(','):
-			p.space()
-		case p.consume(']'):
-			v.items = slices.Clone(p.items[start:])
-			return v, nil
-		default:
-			return v, p.errorf("expected ',' or ']'")
+		if keepItem {
+			p.items = append(p.items, item)
+		}
+		if done, err := p.separator(']'); done || err != nil {
+			if keep && err == nil {
+				v.items = slices.Clone(p.items[start:])
+			}
+			return v, err
 		}
 	}
 }
 
-// key parses an object key, reusing the field names the model knows so a
-// valid entry allocates nothing for its keys.
-func (p *jsonParser) key() (string, error) {
+// key parses an object key, reusing the field names the models know so a
+// valid body allocates nothing for its keys. A key longer than any text a
+// field may hold cannot name a field; it is reported by a placeholder.
+func (p *jsonParser) key(keep bool) (string, error) {
 	start := p.pos + 1
 	if end := bytes.IndexByte(p.data[start:], '"'); end >= 0 {
 		if name, ok := knownKeys[string(p.data[start:start+end])]; ok {
@@ -780,9 +872,14 @@ func (p *jsonParser) key() (string, error) {
 			return name, nil
 		}
 	}
-	return p.string()
+	s, over, err := p.string(keep)
+	if over {
+		s = fmt.Sprintf("(a key of over %d characters)", maxTextLength)
+	}
+	return s, err
 }
 
+// knownKeys holds the JSON names of every field of the models.
 var knownKeys = func() map[string]string {
 	m := map[string]string{}
 	for _, t := range []reflect.Type{reflect.TypeFor[Entry](), reflect.TypeFor[Address](), reflect.TypeFor[Phone](), reflect.TypeFor[Email]()} {
@@ -794,7 +891,7 @@ var knownKeys = func() map[string]string {
 	return m
 }()
 
-func (p *jsonParser) number() (jsonValue, error) {
+func (p *jsonParser) number(keep bool) (jsonValue, error) {
 	start := p.pos
 	digits := func() int {
 		n := 0
@@ -827,41 +924,42 @@ func (p *jsonParser) number() (jsonValue, error) {
 			return jsonValue{}, p.errorf("malformed number")
 		}
 	}
-	return jsonValue{kind: jsonNumber, text: string(p.data[start:p.pos])}, nil
+	v := jsonValue{kind: jsonNumber}
+	if keep {
+		v.text = string(p.data[start:p.pos])
+	}
+	return v, nil
 }
 
-// string parses a quoted string at p.pos, which holds '"'.
-func (p *jsonParser) string() (string, error) {
+// string parses a quoted string at p.pos, which holds '"', checking all of
+// it. It returns the text when keep is set and the text is at most
+// maxTextLength characters; over reports a longer one.
+func (p *jsonParser) string(keep bool) (text string, over bool, err error) {
 	p.pos++
 	start := p.pos
-	// Fast path: no escapes, the common case.
+	// Fast path: no escapes, the common case; the text is a slice of the body.
 	for p.pos < len(p.data) {
 		c := p.data[p.pos]
 		if c == '"' {
 			raw := p.data[start:p.pos]
-			if !utf8.Valid(raw) {
-				return "", p.errorf("invalid UTF-8 in a string")
-			}
 			p.pos++
-			return string(raw), nil
+			return p.keepText(raw, keep)
 		}
 		if c == '\\' || c < 0x20 {
 			break
 		}
 		p.pos++
 	}
-	buf := append([]byte(nil), p.data[start:p.pos]...)
+	buf := append(p.scratch[:0], p.data[start:p.pos]...)
+	defer func() { p.scratch = buf[:0] }()
 	for p.pos < len(p.data) {
 		c := p.data[p.pos]
 		switch {
 		case c == '"':
 			p.pos++
-			if !utf8.Valid(buf) {
-				return "", invalid("the body is not valid JSON: invalid UTF-8 in a string")
-			}
-			return string(buf), nil
+			return p.keepText(buf, keep)
 		case c < 0x20:
-			return "", p.errorf("unescaped control character in a string")
+			return "", false, p.errorf("unescaped control character in a string")
 		case c != '\\':
 			buf = append(buf, c)
 			p.pos++
@@ -889,7 +987,7 @@ func (p *jsonParser) string() (string, error) {
 		case 'u':
 			r, ok := p.hex4()
 			if !ok {
-				return "", p.errorf("malformed \\u escape")
+				return "", false, p.errorf("malformed \\u escape")
 			}
 			if utf16.IsSurrogate(r) {
 				var r2 rune = -1
@@ -898,25 +996,48 @@ func (p *jsonParser) string() (string, error) {
 					r2, _ = p.hex4()
 				}
 				if r = utf16.DecodeRune(r, r2); r == utf8.RuneError {
-					return "", p.errorf("lone UTF-16 surrogate in a string")
+					return "", false, p.errorf("lone UTF-16 surrogate in a string")
 				}
 			}
 			buf = utf8.AppendRune(buf, r)
 		default:
-			return "", p.errorf("unknown escape in a string")
+			return "", false, p.errorf("unknown escape in a string")
 		}
 	}
-	return "", p.errorf("")
+	return "", false, p.errorf("")
+}
+
+// keepText checks a string's decoded bytes and copies out what is kept.
+func (p *jsonParser) keepText(b []byte, keep bool) (string, bool, error) {
+	if !utf8.Valid(b) {
+		return "", false, invalid("the body is not valid JSON: invalid UTF-8 in a string")
+	}
+	if !keep {
+		return "", false, nil
+	}
+	if len(b) > maxTextLength && utf8.RuneCount(b) > maxTextLength {
+		return "", true, nil
+	}
+	return string(b), false, nil
 }
 
 func (p *jsonParser) hex4() (rune, bool) {
 	if p.pos+4 > len(p.data) {
 		return 0, false
 	}
-	n, err := strconv.ParseUint(string(p.data[p.pos:p.pos+4]), 16, 32)
-	if err != nil {
-		return 0, false
+	var r rune
+	for _, c := range p.data[p.pos : p.pos+4] {
+		switch {
+		case '0' <= c && c <= '9':
+			r = r<<4 | rune(c-'0')
+		case 'a' <= c && c <= 'f':
+			r = r<<4 | rune(c-'a'+10)
+		case 'A' <= c && c <= 'F':
+			r = r<<4 | rune(c-'A'+10)
+		default:
+			return 0, false
+		}
 	}
 	p.pos += 4
-	return rune(n), true
+	return r, true
 }

@@ -97,6 +97,10 @@ func TestParseEntryRejectsInvalidFields(t *testing.T) {
 		{"duplicate key in a large object", `{"full_name":"A",` + manyKeys(20) + `,"full_name":"B"}`, append(unknownKeys(20), FieldError{"full_name", "is given more than once"})},
 		{"list not a list", `{"full_name":"A","emails":{}}`, []FieldError{{"emails", "must be a list"}}},
 		{"list null", `{"full_name":"A","addresses":null}`, []FieldError{{"addresses", "must not be null"}}},
+		{"key too long to be a field", `{"full_name":"A","` + long + `":1}`, []FieldError{{"(a key of over 256 characters)", "is not a known field"}}},
+		{"escaped string too long", `{"full_name":"` + strings.Repeat(`\u00e9`, 257) + `"}`, []FieldError{{"full_name", "must be at most 256 characters"}}},
+		{"pincode too long", addr(strings.Replace(goodAddr, `"pincode":1`, `"pincode":"`+long+`"`, 1)), []FieldError{{"addresses[1].pincode", "must be at most 256 characters"}}},
+		{"list far too long", `{"full_name":"A","emails":[` + strings.Repeat(`0,`, 10000) + `0]}`, []FieldError{{"emails", "must have at most 64 items"}}},
 		{"list too long", `{"full_name":"A","phone_numbers":[` + strings.TrimSuffix(strings.Repeat(`{"kind":"home","country_code":1,"local_number":1},`, 65), ",") + `]}`, []FieldError{{"phone_numbers", "must have at most 64 items"}}},
 		{"item not an object", `{"full_name":"A","addresses":[1]}`, []FieldError{{"addresses[0]", "must be an object"}}},
 		{"address missing everything", addr(``), []FieldError{{"addresses[1].kind", "is required"}, {"addresses[1].street_name", "is required"}, {"addresses[1].pincode", "is required"}, {"addresses[1].country", "is required"}}},
@@ -198,6 +202,11 @@ func TestParseEntryRejectsMalformedBodies(t *testing.T) {
 		{"deep nesting", strings.Repeat(`[`, 100000)},
 		{"nested too deep inside an object", `{"full_name":` + strings.Repeat(`[`, 40) + strings.Repeat(`]`, 40) + `}`},
 		{"byte order mark", "\ufeff{\"full_name\":\"A\"}"},
+		{"an object with more members than any model", `{"full_name":"A",` + manyKeys(64) + `}`},
+		{"more values than any entry", `{"full_name":"A","emails":[` + strings.Repeat(`[`+strings.Repeat(`0,`, 63)+`0],`, 64) + `0]}`},
+		{"invalid UTF-8 in a list's dropped items", "{\"full_name\":\"A\",\"emails\":[" + strings.Repeat(`0,`, 64) + "\"\xff\"]}"},
+		{"invalid UTF-8 in an over-long string", "{\"full_name\":\"" + strings.Repeat("x", 300) + "\xff\"}"},
+		{"malformed JSON in a list's dropped items", `{"full_name":"A","emails":[` + strings.Repeat(`0,`, 64) + `{"a":}]}`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -210,6 +219,70 @@ func TestParseEntryRejectsMalformedBodies(t *testing.T) {
 				t.Errorf("got detail %q and fields %v, want a detail and no fields", inv.Detail, inv.Fields)
 			}
 		})
+	}
+}
+
+// TestParseEntryMemoryIsBoundedByTheBody: the decoder drops what no valid
+// entry can hold while it parses, so a hostile 1 MiB body costs a small
+// multiple of itself, not the ~185 MiB a full tree of it once took.
+func TestParseEntryMemoryIsBoundedByTheBody(t *testing.T) {
+	const size = 1 << 20
+	fill := func(prefix, unit, suffix string) []byte {
+		n := (size - len(prefix) - len(suffix)) / len(unit)
+		return []byte(prefix + strings.Repeat(unit, n) + suffix)
+	}
+	tests := []struct {
+		name string
+		body []byte
+	}{
+		{"a list of tiny values", fill(`{"full_name":"A","emails":[`, `0,`, `0]}`)},
+		{"a list of empty objects", fill(`{"full_name":"A","addresses":[`, `{},`, `{}]}`)},
+		{"a list of lists", fill(`{"full_name":"A","emails":[`, `[0,0],`, `0]}`)},
+		{"one long string", fill(`{"full_name":"`, `x`, `"}`)},
+		{"one long escaped string", fill(`{"full_name":"`, `\u00e9`, `"}`)},
+		{"one long key", fill(`{"`, `k`, `":1}`)},
+		{"many short strings", fill(`{"full_name":"A","emails":[`, `"ab",`, `"a"]}`)},
+		{"many unknown keys", fill(`{"full_name":"A",`, `"k":1,`, `"k":1}`)},
+		{"many bad items", fill(`{"full_name":"A","emails":[`, `{"kind":"x","email":"y"},`, `0]}`)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ParseEntry(tt.body) // warm the parser pool, as a running server has
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, err := ParseEntry(tt.body)
+			runtime.ReadMemStats(&after)
+			var inv *InvalidError
+			if !errors.As(err, &inv) {
+				t.Fatalf("ParseEntry error = %v, want an *InvalidError", err)
+			}
+			if got := after.TotalAlloc - before.TotalAlloc; got > 2*size {
+				t.Errorf("parsing a %d-byte body allocated %d bytes, want at most %d", len(tt.body), got, 2*size)
+			}
+			if len(inv.Fields) > maxFieldErrors {
+				t.Errorf("%d field errors listed, want at most %d", len(inv.Fields), maxFieldErrors)
+			}
+		})
+	}
+}
+
+// TestParseEntryListsAtMostAHundredErrors: past maxFieldErrors, errors are
+// counted, not listed, and the detail says how many there were.
+func TestParseEntryListsAtMostAHundredErrors(t *testing.T) {
+	body := `{"full_name":"A","emails":[` + strings.TrimSuffix(strings.Repeat(`{"kind":"x","email":"y"},`, 64), ",") + `]}`
+	_, err := ParseEntry([]byte(body))
+	var inv *InvalidError
+	if !errors.As(err, &inv) {
+		t.Fatalf("ParseEntry error = %v, want an *InvalidError", err)
+	}
+	if len(inv.Fields) != 100 || inv.More != 28 {
+		t.Errorf("listed %d errors and counted %d more, want 100 and 28", len(inv.Fields), inv.More)
+	}
+	if want := (FieldError{"emails[49].email", "must be a bare e-mail address such as ada@example.org"}); inv.Fields[99] != want {
+		t.Errorf("the last listed error is %v, want %v", inv.Fields[99], want)
+	}
+	if !strings.Contains(inv.Detail, "first 100 of 128") {
+		t.Errorf("detail %q does not say how many problems there were", inv.Detail)
 	}
 }
 
