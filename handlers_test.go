@@ -42,7 +42,7 @@ type testServer struct {
 // for inspection.
 func newTestServer(t *testing.T) *testServer {
 	t.Helper()
-	return newTestServerOn(t, NewMapStore())
+	return newTestServerOn(t, NewMapStore(0))
 }
 
 // newTestServerOn is newTestServer with the given store.
@@ -844,7 +844,7 @@ func newPanickyServer(t *testing.T, logs io.Writer, format string) *httptest.Ser
 	ready := new(atomic.Bool)
 	ready.Store(true)
 	mux := http.NewServeMux()
-	addRoutes(mux, log, NewService(NewMapStore(), log), handlerConfig{maxBody: testMaxBody, ready: ready})
+	addRoutes(mux, log, NewService(NewMapStore(0), log), handlerConfig{maxBody: testMaxBody, ready: ready})
 	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) { panic("boom at the handler") })
 	mux.HandleFunc("GET /panic-late", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("partial"))
@@ -1149,7 +1149,7 @@ func waitRefused(t *testing.T, addr string) {
 func TestIDsNeverReachTheFileSystemUnvalidated(t *testing.T) {
 	root := t.TempDir()
 	dir := filepath.Join(root, "data")
-	store, err := OpenMapStore(dir)
+	store, err := OpenMapStore(dir, 0, storedRecord(ParseEntry))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1185,7 +1185,7 @@ func TestIDsNeverReachTheFileSystemUnvalidated(t *testing.T) {
 // TestFailedDiskWriteIsA500: the client learns nothing was stored, and
 // nothing internal leaks.
 func TestFailedDiskWriteIsA500(t *testing.T) {
-	store, err := OpenMapStore(t.TempDir())
+	store, err := OpenMapStore(t.TempDir(), 0, storedRecord(ParseEntry))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1499,7 +1499,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	logs := newLogBuffer(logFile, 100*time.Millisecond)
 	b.Cleanup(logs.Close)
 	log := newLogger(logs, "text", slog.LevelInfo)
-	svc := NewService(NewMapStore(), log)
+	svc := NewService(NewMapStore(0), log)
 	e, err := ParseEntry(entry)
 	if err != nil {
 		b.Fatal(err)

@@ -283,9 +283,9 @@ func gcPercentFor(live uint64) int {
 // openStore returns the store the configuration asks for.
 func openStore(dataDir string) (Store, error) {
 	if dataDir == "" {
-		return NewMapStore(), nil
+		return NewMapStore(0), nil
 	}
-	return OpenMapStore(dataDir)
+	return OpenMapStore(dataDir, 0, storedRecord(ParseEntry))
 }
 
 // newLogger returns a logger whose records carry the request id of the

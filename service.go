@@ -95,6 +95,7 @@ const (
 var (
 	ErrNotFound           = errors.New("no address-book entry has this id")
 	ErrPreconditionFailed = errors.New("the entry has changed since the given ETag")
+	ErrStoreFull          = errors.New("the store has reached its size limit; delete entries to make room")
 )
 
 // InvalidError says the client's input is unusable. Fields lists the fields
@@ -181,13 +182,25 @@ func NewService(store Store, log *slog.Logger) *Service {
 // NewRecord turns a valid entry into what the store keeps: its JSON, encoded
 // once here and served as is on every read, and a version derived from that
 // JSON, so equal content always has an equal ETag, also after a restart.
-func NewRecord(e Entry) (Record, error) {
-	data, err := json.Marshal(e)
+func NewRecord(v any) (Record, error) {
+	data, err := json.Marshal(v)
 	if err != nil {
 		return Record{}, fmt.Errorf("encoding entry: %w", err)
 	}
 	sum := sha256.Sum256(data)
 	return Record{JSON: data, Version: Version(sum[:16])}, nil
+}
+
+// storedRecord returns how a store that persists records checks one it
+// reads back: it must parse as a T, and it is served as NewRecord encodes it.
+func storedRecord[T any](parse func([]byte) (T, error)) func([]byte) (Record, error) {
+	return func(data []byte) (Record, error) {
+		v, err := parse(data)
+		if err != nil {
+			return Record{}, err
+		}
+		return NewRecord(v)
+	}
 }
 
 // Create stores a new entry and returns its id and stored form.

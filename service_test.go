@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 )
@@ -382,7 +383,7 @@ func TestRecordVersionFollowsContent(t *testing.T) {
 
 func newTestService(t testing.TB) (*Service, *MapStore) {
 	t.Helper()
-	store := NewMapStore()
+	store := NewMapStore(0)
 	return NewService(store, slog.New(slog.NewTextHandler(io.Discard, nil))), store
 }
 
@@ -650,7 +651,7 @@ func FuzzParseEntry(f *testing.F) {
 
 func openTestStore(t *testing.T, dir string) *MapStore {
 	t.Helper()
-	s, err := OpenMapStore(dir)
+	s, err := OpenMapStore(dir, 0, storedRecord(ParseEntry))
 	if err != nil {
 		t.Fatalf("OpenMapStore: %v", err)
 	}
@@ -754,6 +755,32 @@ func TestDiskStoreRefusesToStart(t *testing.T) {
 			write(t, dir, entryFile, `{"full_name":"Ada","emails":[{"kind":"x","email":"a@b.c"}]}`)
 			return dir
 		}, "emails[0].kind"},
+		{"an entry that is a symbolic link", func(t *testing.T, dir string) string {
+			elsewhere := filepath.Join(t.TempDir(), "ada.json")
+			write(t, filepath.Dir(elsewhere), "ada.json", `{"full_name":"Ada"}`)
+			if err := os.Symlink(elsewhere, filepath.Join(dir, entryFile)); err != nil {
+				t.Fatal(err)
+			}
+			return dir
+		}, entryFile + " is not a regular file (a symbolic link)"},
+		{"an entry that is a directory", func(t *testing.T, dir string) string {
+			os.Mkdir(filepath.Join(dir, entryFile), 0o700)
+			return dir
+		}, entryFile + " is not a regular file (a directory)"},
+		{".lock is a symbolic link", func(t *testing.T, dir string) string {
+			target := filepath.Join(t.TempDir(), "planted")
+			os.Symlink(target, filepath.Join(dir, ".lock"))
+			t.Cleanup(func() {
+				if _, err := os.Lstat(target); err == nil {
+					t.Errorf("the service created %s through a planted .lock symlink", target)
+				}
+			})
+			return dir
+		}, ".lock: it is a symbolic link"},
+		{".lock is a directory", func(t *testing.T, dir string) string {
+			os.Mkdir(filepath.Join(dir, ".lock"), 0o700)
+			return dir
+		}, ".lock"},
 		{"unwritable directory", func(t *testing.T, dir string) string {
 			if os.Geteuid() == 0 {
 				t.Skip("root writes to any directory")
@@ -766,7 +793,7 @@ func TestDiskStoreRefusesToStart(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path := tt.setup(t, t.TempDir())
-			s, err := OpenMapStore(path)
+			s, err := OpenMapStore(path, 0, storedRecord(ParseEntry))
 			if err == nil {
 				s.Close()
 				t.Fatal("OpenMapStore succeeded")
@@ -776,6 +803,193 @@ func TestDiskStoreRefusesToStart(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDiskStoreRefusesADirectoryItCannotWrite: a DIR where no file can be
+// created stops the start (simulated: root may write anywhere).
+func TestDiskStoreRefusesADirectoryItCannotWrite(t *testing.T) {
+	for _, errno := range []syscall.Errno{syscall.EACCES, syscall.EROFS} {
+		ops := defaultFileOps
+		ops.createTemp = func(dir, pattern string) (*os.File, error) {
+			return nil, &os.PathError{Op: "open", Path: dir, Err: errno}
+		}
+		files, err := openEntryFiles(t.TempDir(), ops)
+		if err == nil {
+			files.close()
+			t.Errorf("%v: openEntryFiles succeeded", errno)
+			continue
+		}
+		if !strings.Contains(err.Error(), "cannot be written") || !strings.Contains(err.Error(), errno.Error()) {
+			t.Errorf("%v: error %q does not say the directory cannot be written and why", errno, err)
+		}
+	}
+}
+
+// TestStoreSizeLimit: creates and growing replaces past the limit are
+// ErrStoreFull and change nothing; shrinking replaces and deletes make room.
+func TestStoreSizeLimit(t *testing.T) {
+	ctx := context.Background()
+	small := record(t, "a")           // {"full_name":"a"}: 17 bytes
+	large := record(t, "abcdefghijk") // 27 bytes
+	for _, persist := range []bool{false, true} {
+		t.Run(fmt.Sprintf("on disk %v", persist), func(t *testing.T) {
+			s := NewMapStore(52)
+			dir := t.TempDir()
+			if persist {
+				var err error
+				if s, err = OpenMapStore(dir, 52, storedRecord(ParseEntry)); err != nil {
+					t.Fatal(err)
+				}
+				defer s.Close()
+			}
+			steps := []struct {
+				name string
+				do   func() error
+				want error
+				size int64
+			}{
+				{"first create", func() error { return s.Insert(ctx, ID{1}, small) }, nil, 17},
+				{"second create", func() error { return s.Insert(ctx, ID{2}, large) }, nil, 44},
+				{"create past the limit", func() error { return s.Insert(ctx, ID{3}, small) }, ErrStoreFull, 44},
+				{"replace that grows past the limit", func() error { return s.Replace(ctx, ID{1}, large, nil) }, ErrStoreFull, 44},
+				{"replace that shrinks", func() error { return s.Replace(ctx, ID{2}, small, nil) }, nil, 34},
+				{"replace that grows within the limit", func() error { return s.Replace(ctx, ID{1}, large, nil) }, nil, 44},
+				{"delete makes room", func() error { return s.Delete(ctx, ID{1}, nil) }, nil, 17},
+				{"create fits again", func() error { return s.Insert(ctx, ID{3}, small) }, nil, 34},
+			}
+			for _, step := range steps {
+				if err := step.do(); !errors.Is(err, step.want) {
+					t.Fatalf("%s: %v, want %v", step.name, err, step.want)
+				}
+				if got, _ := s.Size(); got != step.size {
+					t.Fatalf("%s: size %d, want %d", step.name, got, step.size)
+				}
+			}
+			if _, err := s.Get(ctx, ID{1}); !errors.Is(err, ErrNotFound) {
+				t.Errorf("a refused change left a record: %v", err)
+			}
+			if persist {
+				if got := len(dirFiles(t, dir)); got != 3 {
+					t.Errorf("%d files, want .lock and two entries", got)
+				}
+				s.Close()
+				s2, err := OpenMapStore(dir, 20, storedRecord(ParseEntry)) // already over this smaller limit
+				if err != nil {
+					t.Fatalf("a directory over the limit must still open: %v", err)
+				}
+				defer s2.Close()
+				if got, limit := s2.Size(); got != 34 || limit != 20 {
+					t.Errorf("reopened size %d of %d, want 34 of 20", got, limit)
+				}
+				if err := s2.Insert(ctx, ID{4}, small); !errors.Is(err, ErrStoreFull) {
+					t.Errorf("create over the limit after a restart: %v, want ErrStoreFull", err)
+				}
+			}
+		})
+	}
+}
+
+// TestStoreSizeLimitHoldsUnderConcurrentCreates: writers racing for the last
+// room never take the store past its limit together.
+func TestStoreSizeLimitHoldsUnderConcurrentCreates(t *testing.T) {
+	ctx := context.Background()
+	rec := record(t, "a")
+	s := NewMapStore(10 * int64(len(rec.JSON)))
+	var wg sync.WaitGroup
+	var created, refused atomic.Int64
+	for i := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			switch err := s.Insert(ctx, ID{byte(i), 1}, rec); {
+			case err == nil:
+				created.Add(1)
+			case errors.Is(err, ErrStoreFull):
+				refused.Add(1)
+			default:
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if created.Load() != 10 || refused.Load() != 54 {
+		t.Errorf("%d created and %d refused, want 10 and 54", created.Load(), refused.Load())
+	}
+}
+
+// TestDiskStoreReadinessTellsTheTruth: Ready is nil only while a write would
+// work, and says why not otherwise; a transient failure is not remembered.
+func TestDiskStoreReadinessTellsTheTruth(t *testing.T) {
+	ctx := context.Background()
+	emfile := func(dir, pattern string) (*os.File, error) {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: syscall.EMFILE}
+	}
+	t.Run("out of descriptors fails one write, then all is well", func(t *testing.T) {
+		s := openTestStore(t, t.TempDir())
+		if err := s.Ready(ctx); err != nil {
+			t.Fatalf("Ready on a fresh store: %v", err)
+		}
+		s.files.createTemp = emfile
+		if err := s.Insert(ctx, ID{1}, record(t, "a")); !errors.Is(err, syscall.EMFILE) {
+			t.Fatalf("Insert without descriptors: %v, want EMFILE", err)
+		}
+		if err := s.Ready(ctx); err == nil || !strings.Contains(err.Error(), "too many open files") {
+			t.Errorf("Ready while out of descriptors: %v", err)
+		}
+		s.files.createTemp = os.CreateTemp
+		if err := s.Insert(ctx, ID{1}, record(t, "a")); err != nil {
+			t.Errorf("Insert once descriptors are back: %v; a transient failure must not stop writes", err)
+		}
+		if err := s.Ready(ctx); err != nil {
+			t.Errorf("Ready once descriptors are back: %v", err)
+		}
+	})
+	t.Run("a directory fsync that fails stops writes and readiness", func(t *testing.T) {
+		dir := t.TempDir()
+		s := openTestStore(t, dir)
+		s.files.syncFile = func(f *os.File) error {
+			if f.Name() == dir {
+				return syscall.EIO
+			}
+			return f.Sync()
+		}
+		s.Insert(ctx, ID{1}, record(t, "a"))
+		s.files.syncFile = (*os.File).Sync
+		if err := s.Ready(ctx); err == nil || !strings.Contains(err.Error(), "until a restart") {
+			t.Errorf("Ready after an uncertain write: %v", err)
+		}
+	})
+	t.Run("the directory is removed", func(t *testing.T) {
+		dir := filepath.Join(t.TempDir(), "data")
+		s := openTestStore(t, dir)
+		os.RemoveAll(dir)
+		if err := s.Ready(ctx); err == nil || !strings.Contains(err.Error(), "removed") {
+			t.Errorf("Ready after DIR was removed: %v", err)
+		}
+		os.Mkdir(dir, 0o700) // a new, empty directory at the same path is not ours
+		if err := s.Ready(ctx); err == nil || !strings.Contains(err.Error(), "replaced") {
+			t.Errorf("Ready after DIR was replaced: %v", err)
+		}
+	})
+	t.Run("the disk is full", func(t *testing.T) {
+		s := openTestStore(t, t.TempDir())
+		s.files.writeFile = func(*os.File, []byte) error { return syscall.ENOSPC }
+		if err := s.Ready(ctx); err == nil || !strings.Contains(err.Error(), "no space") {
+			t.Errorf("Ready on a full disk: %v", err)
+		}
+	})
+	t.Run("closed", func(t *testing.T) {
+		s := openTestStore(t, t.TempDir())
+		s.Close()
+		if err := s.Ready(ctx); err == nil {
+			t.Error("Ready on a closed store is nil")
+		}
+	})
+	t.Run("memory only is always ready", func(t *testing.T) {
+		if err := NewMapStore(0).Ready(ctx); err != nil {
+			t.Error(err)
+		}
+	})
 }
 
 func TestDiskStoreStartCleansUpAfterACrash(t *testing.T) {
@@ -952,10 +1166,10 @@ func BenchmarkCreate(b *testing.B) {
 	for _, mode := range []string{"memory", "data"} {
 		for _, writers := range []int{1, 32} {
 			b.Run(fmt.Sprintf("%s/writers=%d", mode, writers), func(b *testing.B) {
-				store := NewMapStore()
+				store := NewMapStore(0)
 				if mode == "data" {
 					var err error
-					if store, err = OpenMapStore(b.TempDir()); err != nil {
+					if store, err = OpenMapStore(b.TempDir(), 0, storedRecord(ParseEntry)); err != nil {
 						b.Fatal(err)
 					}
 				}
@@ -1005,7 +1219,7 @@ func seededStore(b *testing.B, n int) (*MapStore, []ID, Record) {
 		b.Fatal(err)
 	}
 	rec, _ := NewRecord(e)
-	s := NewMapStore()
+	s := NewMapStore(0)
 	var g idGenerator
 	ids := make([]ID, n)
 	for i := range ids {
@@ -1091,7 +1305,7 @@ func BenchmarkOpenDataDir(b *testing.B) {
 	}
 	b.Run(fmt.Sprintf("entries=%d", n), func(b *testing.B) {
 		for b.Loop() {
-			s, err := OpenMapStore(dir)
+			s, err := OpenMapStore(dir, 0, storedRecord(ParseEntry))
 			if err != nil {
 				b.Fatal(err)
 			}

@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -82,10 +83,15 @@ func versionMatches(version Version, ifMatch []string) bool {
 // records in id order (sortedItems) so a page costs the same however large
 // the book is. Memory is always what serves reads. Opened on a directory, it also writes
 // every change through to one file per entry before acknowledging it.
+//
+// The records' JSON may total at most maxBytes (0: no limit), so that memory
+// has a bound an operator can plan for; a change past it is ErrStoreFull.
 type MapStore struct {
-	mu      sync.RWMutex // guards records and order; never held during disk I/O
-	records map[ID]Record
-	order   sortedItems // the same records in id order, for pages
+	mu       sync.RWMutex // guards records, order and bytes; never held during disk I/O
+	records  map[ID]Record
+	order    sortedItems // the same records in id order, for pages
+	bytes    int64       // the records' JSON, plus changes being written
+	maxBytes int64
 
 	writers idLocks               // one writer at a time per entry, across its disk I/O
 	life    sync.RWMutex          // writes hold it shared; Close takes it to wait for them
@@ -94,31 +100,48 @@ type MapStore struct {
 	files   *entryFiles           // nil: memory only
 }
 
-// NewMapStore returns an empty store that keeps entries in memory only.
-func NewMapStore() *MapStore {
-	return &MapStore{records: make(map[ID]Record)}
+// NewMapStore returns an empty store that keeps records in memory only,
+// their JSON totalling at most maxBytes (0: no limit).
+func NewMapStore(maxBytes int64) *MapStore {
+	return &MapStore{records: make(map[ID]Record), maxBytes: maxBytes}
 }
 
-// OpenMapStore returns a store that persists to dir, loading what dir holds.
-// See entryFiles for the format and the guarantees.
-func OpenMapStore(dir string) (*MapStore, error) {
-	files, err := openEntryFiles(dir)
+// OpenMapStore returns a store that persists to dir, loading what dir holds;
+// load turns each file's bytes into a record, refusing any that is not a
+// valid record of the resource (see storedRecord). See entryFiles for the
+// format and the guarantees. A directory that already holds more than
+// maxBytes is opened all the same: its data is never refused, but changes
+// that grow it are, until deletes make room.
+func OpenMapStore(dir string, maxBytes int64, load func([]byte) (Record, error)) (*MapStore, error) {
+	files, err := openEntryFiles(dir, defaultFileOps)
 	if err != nil {
 		return nil, err
 	}
-	loaded, err := files.load()
+	return newFileStore(files, maxBytes, load)
+}
+
+func newFileStore(files *entryFiles, maxBytes int64, load func([]byte) (Record, error)) (*MapStore, error) {
+	loaded, err := files.load(load)
 	if err != nil {
 		files.close()
 		return nil, err
 	}
-	s := NewMapStore()
+	s := NewMapStore(maxBytes)
 	s.files = files
 	slices.SortFunc(loaded, func(a, b Item) int { return compareIDs(a.ID, b.ID) })
 	for _, it := range loaded {
 		s.records[it.ID] = it.Record
 		s.order.set(it)
+		s.bytes += int64(len(it.JSON))
 	}
 	return s, nil
+}
+
+// Size returns the bytes of JSON the store holds and its limit (0: none).
+func (s *MapStore) Size() (bytes, limit int64) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.bytes, s.maxBytes
 }
 
 // Insert adds a record under a new id.
@@ -150,9 +173,21 @@ func (s *MapStore) Replace(_ context.Context, id ID, rec Record, ifMatch []strin
 }
 
 // put writes rec through to disk, then makes it what reads see. The caller
-// holds id's writer lock.
+// holds id's writer lock. The room rec needs is taken before the disk write,
+// so concurrent writers cannot together pass the limit.
 func (s *MapStore) put(id ID, rec Record) error {
+	s.mu.Lock()
+	grow := int64(len(rec.JSON)) - int64(len(s.records[id].JSON))
+	if grow > 0 && s.maxBytes > 0 && s.bytes+grow > s.maxBytes {
+		s.mu.Unlock()
+		return ErrStoreFull
+	}
+	s.bytes += grow
+	s.mu.Unlock()
 	if err := s.files.write(id, rec.JSON); err != nil {
+		s.mu.Lock()
+		s.bytes -= grow
+		s.mu.Unlock()
 		return err
 	}
 	s.mu.Lock()
@@ -173,6 +208,7 @@ func (s *MapStore) Delete(_ context.Context, id ID, ifMatch []string) error {
 			return err
 		}
 		s.mu.Lock()
+		s.bytes -= int64(len(s.records[id].JSON))
 		delete(s.records, id)
 		s.order.remove(id)
 		s.mu.Unlock()
@@ -248,6 +284,21 @@ func (s *MapStore) Close() error {
 
 var errStoreClosed = errors.New("the store is closed")
 
+// Ready reports why the store cannot take writes now, or nil: it is closed,
+// a write left the disk uncertain, or its directory is gone or cannot be
+// written. /readyz answers 503 with this reason.
+func (s *MapStore) Ready(context.Context) error {
+	s.life.RLock()
+	defer s.life.RUnlock()
+	if s.closed {
+		return errStoreClosed
+	}
+	if broken := s.broken.Load(); broken != nil {
+		return *broken
+	}
+	return s.files.probe()
+}
+
 // idLocks hands out one mutex per id in use, so writers to one entry queue
 // in order while writers to others never wait on them.
 type idLocks struct {
@@ -296,15 +347,30 @@ func (l *idLocks) lock(id ID) (unlock func()) {
 // at the next start. DIR/.lock is held (flock) while the store is open, so a
 // second process cannot write the same directory.
 //
+// DIR itself stays open from start to close: fsyncing it after a rename
+// needs no new descriptor, so running out of descriptors (EMFILE) can fail a
+// write before its rename, harmlessly, but never leave the disk uncertain.
+//
 // A nil *entryFiles is the memory-only store: every method does nothing.
 type entryFiles struct {
-	dir  string
-	lock *os.File
+	dir     string
+	dirFile *os.File // DIR, held open for fsync
+	lock    *os.File
+	fileOps
+}
 
-	// The file-system calls that can fail for lack of space or a bad disk;
-	// tests replace them to simulate a full disk or a failing fsync.
-	writeFile func(f *os.File, data []byte) error
-	syncFile  func(f *os.File) error
+// fileOps are the file-system calls that can fail for lack of space,
+// descriptors or a bad disk; tests replace them to simulate each failure.
+type fileOps struct {
+	createTemp func(dir, pattern string) (*os.File, error)
+	writeFile  func(f *os.File, data []byte) error
+	syncFile   func(f *os.File) error
+}
+
+var defaultFileOps = fileOps{
+	createTemp: os.CreateTemp,
+	writeFile:  func(f *os.File, data []byte) error { _, err := f.Write(data); return err },
+	syncFile:   (*os.File).Sync,
 }
 
 const (
@@ -313,27 +379,82 @@ const (
 	lockName    = ".lock"
 )
 
-func openEntryFiles(dir string) (*entryFiles, error) {
+// openEntryFiles opens DIR, creating it if needed, and takes its lock. It
+// refuses a DIR it cannot write, and a .lock that is not a plain file (a
+// planted symlink must not make it create or lock a file elsewhere).
+func openEntryFiles(dir string, ops fileOps) (*entryFiles, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o600)
+	dirFile, err := os.Open(dir)
 	if err != nil {
 		return nil, fmt.Errorf("data directory %s is not usable: %w", dir, err)
 	}
+	lockPath := filepath.Join(dir, lockName)
+	lock, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
+	if err == nil {
+		if info, statErr := lock.Stat(); statErr != nil || !info.Mode().IsRegular() {
+			lock.Close()
+			err = errors.New("not a regular file")
+		}
+	}
+	if err != nil {
+		dirFile.Close()
+		if errors.Is(err, syscall.ELOOP) {
+			err = errors.New("it is a symbolic link")
+		}
+		return nil, fmt.Errorf("data directory %s is not usable: %s: %w; remove it and start again", dir, lockPath, err)
+	}
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		lock.Close()
+		dirFile.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			return nil, fmt.Errorf("data directory %s is in use by another process", dir)
 		}
 		return nil, fmt.Errorf("data directory %s: locking %s: %w", dir, lockName, err)
 	}
-	return &entryFiles{
-		dir:       dir,
-		lock:      lock,
-		writeFile: func(f *os.File, data []byte) error { _, err := f.Write(data); return err },
-		syncFile:  (*os.File).Sync,
-	}, nil
+	f := &entryFiles{dir: dir, dirFile: dirFile, lock: lock, fileOps: ops}
+	if err := f.probe(); err != nil {
+		f.close()
+		return nil, fmt.Errorf("data directory %s cannot be written: %w", dir, err)
+	}
+	return f, nil
+}
+
+// probe reports whether DIR can take a write now: it is still the directory
+// opened at start, and a file can be created and written in it.
+func (f *entryFiles) probe() error {
+	if f == nil {
+		return nil
+	}
+	held, err := f.dirFile.Stat()
+	if err != nil {
+		return err
+	}
+	if now, err := os.Stat(f.dir); err != nil || !os.SameFile(held, now) {
+		return errors.New("the data directory was removed or replaced")
+	}
+	tmp, err := f.createTemp(f.dir, tempPrefix+"probe-*")
+	if err != nil {
+		return fmt.Errorf("cannot create a file in the data directory: %w", withoutPath(err))
+	}
+	err = f.writeFile(tmp, []byte("{}"))
+	tmp.Close()
+	os.Remove(tmp.Name())
+	if err != nil {
+		return fmt.Errorf("cannot write to the data directory: %w", withoutPath(err))
+	}
+	return nil
+}
+
+// withoutPath drops the file name from a file-system error: the reason is
+// shown on /readyz, and paths are the operator's business, not a client's.
+func withoutPath(err error) error {
+	var pathErr *fs.PathError
+	if errors.As(err, &pathErr) {
+		return pathErr.Err
+	}
+	return err
 }
 
 func (f *entryFiles) path(id ID) string {
@@ -353,7 +474,7 @@ func (f *entryFiles) write(id ID, data []byte) error {
 	if f == nil {
 		return nil
 	}
-	tmp, err := os.CreateTemp(f.dir, tempPrefix+id.String()+"-*")
+	tmp, err := f.createTemp(f.dir, tempPrefix+id.String()+"-*")
 	if err != nil {
 		return fmt.Errorf("writing entry %s: %w", id, err)
 	}
@@ -392,22 +513,15 @@ func (f *entryFiles) remove(id ID) error {
 }
 
 func (f *entryFiles) syncDir() error {
-	d, err := os.Open(f.dir)
-	if err != nil {
-		return err
-	}
-	err = f.syncFile(d)
-	if closeErr := d.Close(); err == nil {
-		err = closeErr
-	}
-	return err
+	return f.syncFile(f.dirFile)
 }
 
 // load reads every entry file, in parallel, after removing temporary files
-// that a crash left behind. Any entry file that does not hold a valid entry
-// stops the load: starting empty, or without it, would hide data.
-// Files that are not entries are left alone.
-func (f *entryFiles) load() ([]Item, error) {
+// that a crash left behind. Any entry file that does not hold a valid record
+// (load says), or is not a regular file (a symlink, a directory), stops the
+// load: starting empty, or without it, would hide data. Files whose names
+// are not entries' are left alone.
+func (f *entryFiles) load(load func([]byte) (Record, error)) ([]Item, error) {
 	names, err := os.ReadDir(f.dir)
 	if err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
@@ -422,9 +536,13 @@ func (f *entryFiles) load() ([]Item, error) {
 			continue
 		}
 		id, ok := ParseID(strings.TrimSuffix(name, entrySuffix))
-		if ok && strings.HasSuffix(name, entrySuffix) && de.Type().IsRegular() {
-			ids = append(ids, id)
+		if !ok || !strings.HasSuffix(name, entrySuffix) {
+			continue
 		}
+		if !de.Type().IsRegular() {
+			return nil, fmt.Errorf("data file %s is not a regular file (%s); move it away, then start again", filepath.Join(f.dir, name), describeType(de.Type()))
+		}
+		ids = append(ids, id)
 	}
 
 	items := make([]Item, len(ids))
@@ -436,7 +554,7 @@ func (f *entryFiles) load() ([]Item, error) {
 		go func() {
 			defer wg.Done()
 			for i := int(next.Add(1) - 1); i < len(ids); i = int(next.Add(1) - 1) {
-				items[i], errs[i] = f.loadEntry(ids[i])
+				items[i], errs[i] = f.loadEntry(ids[i], load)
 			}
 		}()
 	}
@@ -447,28 +565,48 @@ func (f *entryFiles) load() ([]Item, error) {
 	return items, nil
 }
 
-func (f *entryFiles) loadEntry(id ID) (Item, error) {
-	data, err := os.ReadFile(f.path(id))
+func (f *entryFiles) loadEntry(id ID, load func([]byte) (Record, error)) (Item, error) {
+	// O_NOFOLLOW: a symlink swapped in after the directory was listed is
+	// refused, not followed out of DIR.
+	file, err := os.OpenFile(f.path(id), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return Item{}, fmt.Errorf("reading %s: %w", f.path(id), err)
 	}
-	e, err := ParseEntry(data)
+	defer file.Close()
+	if info, err := file.Stat(); err != nil || !info.Mode().IsRegular() {
+		return Item{}, fmt.Errorf("data file %s is not a regular file; move it away, then start again", f.path(id))
+	}
+	data, err := io.ReadAll(file)
+	if err != nil {
+		return Item{}, fmt.Errorf("reading %s: %w", f.path(id), err)
+	}
+	rec, err := load(data)
 	if err != nil {
 		detail := err.Error()
 		var invalid *InvalidError
 		if errors.As(err, &invalid) && len(invalid.Fields) > 0 {
 			detail = invalid.Fields[0].Field + " " + invalid.Fields[0].Message
 		}
-		return Item{}, fmt.Errorf("data file %s does not hold a valid entry (%s); fix or move it away, then start again", f.path(id), detail)
+		return Item{}, fmt.Errorf("data file %s does not hold a valid record (%s); fix or move it away, then start again", f.path(id), detail)
 	}
-	rec, err := NewRecord(e)
-	return Item{ID: id, Record: rec}, err
+	return Item{ID: id, Record: rec}, nil
+}
+
+func describeType(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeSymlink != 0:
+		return "a symbolic link"
+	case m.IsDir():
+		return "a directory"
+	}
+	return "a special file"
 }
 
 func (f *entryFiles) close() error {
 	if f == nil {
 		return nil
 	}
+	f.dirFile.Close()
 	return f.lock.Close() // closing the descriptor releases the flock
 }
 
