@@ -19,7 +19,6 @@ import (
 	"net/http"
 	"net/url"
 	"runtime/debug"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -29,8 +28,10 @@ import (
 
 // handlerConfig is what the HTTP layer needs beyond the service.
 type handlerConfig struct {
-	maxBody int64        // largest request body, before and after gzip decoding
-	ready   *atomic.Bool // false once shutdown has begun
+	maxBody    int64                           // largest request body, before and after gzip decoding
+	bodies     *bodyBudget                     // memory for request bodies across all requests
+	ready      *atomic.Bool                    // false once shutdown has begun
+	storeReady func(ctx context.Context) error // why the store cannot take writes now, or nil
 }
 
 // newHandler returns the whole API with its middleware.
@@ -42,15 +43,15 @@ func newHandler(log *slog.Logger, svc *Service, cfg handlerConfig) http.Handler 
 
 // addRoutes is the whole API in one table.
 func addRoutes(mux *http.ServeMux, log *slog.Logger, svc *Service, cfg handlerConfig) {
-	mux.Handle("POST /addresses", handle(log, createEntry(svc, cfg.maxBody)))
+	mux.Handle("POST /addresses", handle(log, createEntry(svc, cfg)))
 	mux.Handle("GET /addresses", handle(log, listEntries(svc)))
-	mux.Handle("POST /addresses/{$}", handle(log, createEntry(svc, cfg.maxBody)))
+	mux.Handle("POST /addresses/{$}", handle(log, createEntry(svc, cfg)))
 	mux.Handle("GET /addresses/{$}", handle(log, listEntries(svc)))
 	mux.Handle("GET /addresses/{id}", handle(log, getEntry(svc)))
-	mux.Handle("PUT /addresses/{id}", handle(log, replaceEntry(svc, cfg.maxBody)))
+	mux.Handle("PUT /addresses/{id}", handle(log, replaceEntry(svc, cfg)))
 	mux.Handle("DELETE /addresses/{id}", handle(log, deleteEntry(svc)))
 	mux.Handle("GET /healthz", handle(log, healthz()))
-	mux.Handle("GET /readyz", handle(log, readyz(cfg.ready)))
+	mux.Handle("GET /readyz", handle(log, readyz(cfg)))
 }
 
 // withMiddleware wraps the mux in what every request passes through,
@@ -77,9 +78,9 @@ func handle(log *slog.Logger, fn apiFunc) http.Handler {
 	})
 }
 
-func createEntry(svc *Service, maxBody int64) apiFunc {
+func createEntry(svc *Service, cfg handlerConfig) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
-		e, err := readEntry(w, r, maxBody)
+		e, err := readJSON(w, r, cfg, ParseEntry)
 		if err != nil {
 			return err
 		}
@@ -117,13 +118,13 @@ func getEntry(svc *Service) apiFunc {
 	}
 }
 
-func replaceEntry(svc *Service, maxBody int64) apiFunc {
+func replaceEntry(svc *Service, cfg handlerConfig) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
 			return err
 		}
-		e, err := readEntry(w, r, maxBody)
+		e, err := readJSON(w, r, cfg, ParseEntry)
 		if err != nil {
 			return err
 		}
@@ -192,11 +193,16 @@ func healthz() apiFunc {
 	}
 }
 
-func readyz(ready *atomic.Bool) apiFunc {
+// readyz answers 200 only while the service can do all it promises: not
+// shutting down, and the store taking writes.
+func readyz(cfg handlerConfig) apiFunc {
 	body := []byte(`{"status":"ready"}`)
 	return func(w http.ResponseWriter, r *http.Request) error {
-		if !ready.Load() {
-			return &httpError{http.StatusServiceUnavailable, "the server is shutting down"}
+		if !cfg.ready.Load() {
+			return &httpError{status: http.StatusServiceUnavailable, detail: "the server is shutting down"}
+		}
+		if err := cfg.storeReady(r.Context()); err != nil {
+			return &httpError{status: http.StatusServiceUnavailable, detail: "the store cannot take writes: " + err.Error()}
 		}
 		writeBody(w, r, http.StatusOK, jsonType, body)
 		return nil
@@ -207,8 +213,9 @@ func readyz(ready *atomic.Bool) apiFunc {
 
 // httpError is a failure that belongs to the HTTP layer, with its status.
 type httpError struct {
-	status int
-	detail string
+	status     int
+	detail     string
+	retryAfter int // seconds, sent as Retry-After when above zero
 }
 
 func (e *httpError) Error() string { return e.detail }
@@ -226,39 +233,49 @@ func pathID(r *http.Request) (ID, error) {
 func pageQuery(r *http.Request) (limit int, after ID, err error) {
 	q, err := url.ParseQuery(r.URL.RawQuery)
 	if err != nil {
-		return 0, ID{}, &httpError{http.StatusBadRequest, "the query string is malformed"}
+		return 0, ID{}, &httpError{status: http.StatusBadRequest, detail: "the query string is malformed"}
 	}
 	limit = DefaultPageSize
 	if vs, ok := q["limit"]; ok {
 		n, err := strconv.Atoi(vs[0])
 		if len(vs) > 1 || err != nil || strings.TrimLeft(vs[0], "0123456789") != "" || n < 1 || n > MaxPageSize {
-			return 0, ID{}, &httpError{http.StatusBadRequest, fmt.Sprintf("limit must be a whole number from 1 to %d", MaxPageSize)}
+			return 0, ID{}, &httpError{status: http.StatusBadRequest, detail: fmt.Sprintf("limit must be a whole number from 1 to %d", MaxPageSize)}
 		}
 		limit = n
 	}
 	if vs, ok := q["after"]; ok {
 		var valid bool
 		if after, valid = ParseID(vs[0]); len(vs) > 1 || !valid {
-			return 0, ID{}, &httpError{http.StatusBadRequest, "after must be an entry id: 32 lowercase hex characters"}
+			return 0, ID{}, &httpError{status: http.StatusBadRequest, detail: "after must be an entry id: 32 lowercase hex characters"}
 		}
 	}
 	return limit, after, nil
 }
 
-// readEntry reads and validates an entry from the request body.
-func readEntry(w http.ResponseWriter, r *http.Request, maxBody int64) (Entry, error) {
-	body, err := readBody(w, r, maxBody)
+// readJSON reads the request body and decodes it with parse (ParseEntry, or
+// another resource's). The body's memory is held against the budget until
+// parse is done with it.
+func readJSON[T any](w http.ResponseWriter, r *http.Request, cfg handlerConfig, parse func([]byte) (T, error)) (T, error) {
+	body, release, err := readBody(w, r, cfg.maxBody, cfg.bodies)
 	if err != nil {
-		return Entry{}, err
+		var zero T
+		return zero, err
 	}
-	return ParseEntry(body)
+	defer release()
+	return parse(body)
 }
 
-// readBody returns the decoded request body, refusing media types other than
-// JSON (415) and bodies over maxBody before or after gzip decoding (413).
-func readBody(w http.ResponseWriter, r *http.Request, maxBody int64) ([]byte, error) {
+// readBody returns the decoded request body and the function that gives its
+// memory back to bodies. It refuses media types other than JSON (415),
+// bodies over maxBody before or after gzip decoding (413: at once when
+// Content-Length says so, before any of the body is read), and bodies the
+// budget has no room for (503 with Retry-After).
+func readBody(w http.ResponseWriter, r *http.Request, maxBody int64, bodies *bodyBudget) ([]byte, func(), error) {
 	if ct := r.Header.Get("Content-Type"); ct != "" && !isJSONType(ct) {
-		return nil, &httpError{http.StatusUnsupportedMediaType, "the body must be JSON: Content-Type application/json"}
+		return nil, nil, &httpError{status: http.StatusUnsupportedMediaType, detail: "the body must be JSON: Content-Type application/json"}
+	}
+	if r.ContentLength > maxBody {
+		return nil, nil, tooLarge(maxBody)
 	}
 	var body io.Reader = http.MaxBytesReader(w, r.Body, maxBody)
 	switch enc := r.Header.Values("Content-Encoding"); {
@@ -266,35 +283,81 @@ func readBody(w http.ResponseWriter, r *http.Request, maxBody int64) ([]byte, er
 	case len(enc) == 1 && (strings.EqualFold(enc[0], "gzip") || strings.EqualFold(enc[0], "x-gzip")):
 		zr, err := gzip.NewReader(body)
 		if err != nil {
-			return nil, bodyError(err)
+			return nil, nil, bodyError(err)
 		}
 		defer zr.Close()
 		body = zr
 	default:
-		return nil, &httpError{http.StatusUnsupportedMediaType, "Content-Encoding must be gzip or absent"}
+		return nil, nil, &httpError{status: http.StatusUnsupportedMediaType, detail: "Content-Encoding must be gzip or absent"}
 	}
-	// Read into a buffer sized by Content-Length when there is one, so a
-	// typical body is read with one allocation.
-	buf := make([]byte, 0, min(max(r.ContentLength, 511)+1, maxBody+1, 64<<10))
-	limited := io.LimitReader(body, maxBody+1)
+	// The buffer is sized by Content-Length when that is the body's size, so
+	// a typical body is read with one allocation, and its memory is taken
+	// from the budget before any of it is read. Otherwise it doubles as the
+	// body arrives, taking each step from the budget first.
+	size := int64(512)
+	if _, gzipped := body.(*gzip.Reader); r.ContentLength >= 0 && !gzipped {
+		size = r.ContentLength + 1 // +1: room to see the end without growing
+	}
+	held := int64(0)
+	release := func() { bodies.give(held) }
+	var buf []byte
 	for {
 		if len(buf) == cap(buf) {
-			buf = slices.Grow(buf, cap(buf))
+			if size = min(size, maxBody+1); !bodies.take(size - held) {
+				release()
+				return nil, nil, &httpError{status: http.StatusServiceUnavailable, retryAfter: 1,
+					detail: "the server is reading as many request bodies as its memory allows; try again shortly"}
+			}
+			held = size
+			grown := make([]byte, len(buf), size) // exactly size: what was taken
+			copy(grown, buf)
+			buf = grown
+			size *= 2
 		}
-		n, err := limited.Read(buf[len(buf):cap(buf)])
+		n, err := body.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
+		if int64(len(buf)) > maxBody {
+			release()
+			return nil, nil, tooLarge(maxBody)
+		}
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			return nil, bodyError(err)
+			release()
+			return nil, nil, bodyError(err)
 		}
 	}
-	if int64(len(buf)) > maxBody {
-		return nil, tooLarge(maxBody)
-	}
-	return buf, nil
+	return buf, release, nil
 }
+
+// bodyBudget bounds the memory request bodies hold across all requests, so
+// many slow or large uploads at once get a 503 rather than the process's
+// memory. Decoding a body costs at most about as much again, briefly.
+type bodyBudget struct {
+	free atomic.Int64
+}
+
+func newBodyBudget(bytes int64) *bodyBudget {
+	b := new(bodyBudget)
+	b.free.Store(bytes)
+	return b
+}
+
+// take reserves n bytes if the budget has them.
+func (b *bodyBudget) take(n int64) bool {
+	for {
+		free := b.free.Load()
+		if free < n {
+			return false
+		}
+		if b.free.CompareAndSwap(free, free-n) {
+			return true
+		}
+	}
+}
+
+func (b *bodyBudget) give(n int64) { b.free.Add(n) }
 
 func bodyError(err error) error {
 	var tooBig *http.MaxBytesError
@@ -302,13 +365,13 @@ func bodyError(err error) error {
 		return tooLarge(tooBig.Limit)
 	}
 	if errors.Is(err, gzip.ErrHeader) || errors.Is(err, gzip.ErrChecksum) || errors.Is(err, io.ErrUnexpectedEOF) {
-		return &httpError{http.StatusBadRequest, "the body is not valid gzip"}
+		return &httpError{status: http.StatusBadRequest, detail: "the body is not valid gzip"}
 	}
-	return &httpError{http.StatusBadRequest, "the body could not be read"}
+	return &httpError{status: http.StatusBadRequest, detail: "the body could not be read"}
 }
 
 func tooLarge(limit int64) error {
-	return &httpError{http.StatusRequestEntityTooLarge, fmt.Sprintf("the body must be at most %d bytes", limit)}
+	return &httpError{status: http.StatusRequestEntityTooLarge, detail: fmt.Sprintf("the body must be at most %d bytes", limit)}
 }
 
 // isJSONType accepts application/json and any */*+json type, in UTF-8.
@@ -456,9 +519,10 @@ type problem struct {
 	Instance  string       `json:"instance"`
 	RequestID string       `json:"request_id"`
 	Errors    []FieldError `json:"errors,omitempty"`
+	More      int          `json:"more_errors,omitempty"` // errors past those listed
 }
 
-func writeProblem(w http.ResponseWriter, r *http.Request, status int, detail string, fields []FieldError) {
+func writeProblem(w http.ResponseWriter, r *http.Request, status int, detail string, fields []FieldError, more int) {
 	body, _ := json.Marshal(problem{
 		Type:      "about:blank",
 		Title:     http.StatusText(status),
@@ -467,6 +531,7 @@ func writeProblem(w http.ResponseWriter, r *http.Request, status int, detail str
 		Instance:  r.URL.EscapedPath(),
 		RequestID: requestID(r.Context()),
 		Errors:    fields,
+		More:      more,
 	})
 	writeBody(w, r, status, problemType, body)
 }
@@ -478,16 +543,21 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 	var httpErr *httpError
 	switch {
 	case errors.As(err, &invalid):
-		writeProblem(w, r, http.StatusBadRequest, invalid.Detail, invalid.Fields)
+		writeProblem(w, r, http.StatusBadRequest, invalid.Detail, invalid.Fields, invalid.More)
 	case errors.As(err, &httpErr):
-		writeProblem(w, r, httpErr.status, httpErr.detail, nil)
+		if httpErr.retryAfter > 0 {
+			w.Header()["Retry-After"] = []string{strconv.Itoa(httpErr.retryAfter)}
+		}
+		writeProblem(w, r, httpErr.status, httpErr.detail, nil, 0)
 	case errors.Is(err, ErrNotFound):
-		writeProblem(w, r, http.StatusNotFound, err.Error(), nil)
+		writeProblem(w, r, http.StatusNotFound, err.Error(), nil, 0)
 	case errors.Is(err, ErrPreconditionFailed):
-		writeProblem(w, r, http.StatusPreconditionFailed, err.Error(), nil)
+		writeProblem(w, r, http.StatusPreconditionFailed, err.Error(), nil, 0)
+	case errors.Is(err, ErrStoreFull):
+		writeProblem(w, r, http.StatusInsufficientStorage, err.Error(), nil, 0)
 	default:
 		log.ErrorContext(r.Context(), "request failed", "err", err)
-		writeProblem(w, r, http.StatusInternalServerError, "the server could not complete the request", nil)
+		writeProblem(w, r, http.StatusInternalServerError, "the server could not complete the request", nil, 0)
 	}
 }
 
@@ -618,7 +688,7 @@ func recoverPanics(log *slog.Logger, next http.Handler) http.Handler {
 			if sw, ok := w.(*statusWriter); ok && sw.status != 0 {
 				panic(http.ErrAbortHandler) // the response has begun; cut it off
 			}
-			writeProblem(w, r, http.StatusInternalServerError, "the server could not complete the request", nil)
+			writeProblem(w, r, http.StatusInternalServerError, "the server could not complete the request", nil, 0)
 		}()
 		next.ServeHTTP(w, r)
 	})
@@ -649,7 +719,7 @@ func (w *muxErrorWriter) WriteHeader(status int) {
 		if status == http.StatusMethodNotAllowed {
 			detail = "this path does not support " + w.r.Method + "; see the Allow header"
 		}
-		writeProblem(w.ResponseWriter, w.r, status, detail, nil)
+		writeProblem(w.ResponseWriter, w.r, status, detail, nil, 0)
 		return
 	}
 	w.ResponseWriter.WriteHeader(status)

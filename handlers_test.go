@@ -53,9 +53,15 @@ func newTestServerOn(t *testing.T, store Store) *testServer {
 	ready := new(atomic.Bool)
 	ready.Store(true)
 	svc := NewService(store, log)
-	srv := httptest.NewServer(newHandler(log, svc, handlerConfig{maxBody: testMaxBody, ready: ready}))
+	srv := httptest.NewServer(newHandler(log, svc, testConfig(store, ready)))
 	t.Cleanup(srv.Close)
 	return &testServer{Server: srv, logs: logs, ready: ready}
+}
+
+// testConfig is the handlers' configuration in tests: a small -max-body, a
+// budget for four such bodies at once.
+func testConfig(store Store, ready *atomic.Bool) handlerConfig {
+	return handlerConfig{maxBody: testMaxBody, bodies: newBodyBudget(4 * (testMaxBody + 1)), ready: ready, storeReady: readiness(store)}
 }
 
 // syncBuffer is a bytes.Buffer safe for the server's goroutines.
@@ -143,6 +149,7 @@ type problemBody struct {
 	Instance  string       `json:"instance"`
 	RequestID string       `json:"request_id"`
 	Errors    []FieldError `json:"errors"`
+	More      int          `json:"more_errors"`
 }
 
 // checkProblem asserts an RFC 9457 body that agrees with the response.
@@ -161,7 +168,7 @@ func checkProblem(t *testing.T, res response, status int, path string) problemBo
 		t.Fatalf("problem body %s: %v", res.body, err)
 	}
 	want := problemBody{Type: "about:blank", Title: http.StatusText(status), Status: status, Instance: path,
-		RequestID: res.header.Get("X-Request-ID"), Detail: p.Detail, Errors: p.Errors}
+		RequestID: res.header.Get("X-Request-ID"), Detail: p.Detail, Errors: p.Errors, More: p.More}
 	if fmt.Sprint(p) != fmt.Sprint(want) {
 		t.Errorf("problem\n got %+v\nwant %+v", p, want)
 	}
@@ -626,6 +633,152 @@ func TestHealthAndReadiness(t *testing.T) {
 	}
 }
 
+// TestReadinessFollowsTheStore: /readyz is 503, naming the reason, while the
+// store cannot take writes, and 200 again once it can; /healthz stays 200.
+func TestReadinessFollowsTheStore(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	store, err := OpenMapStore(dir, 0, storedRecord(ParseEntry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	s := newTestServerOn(t, store)
+	if res := s.do(t, request{method: "GET", path: "/readyz"}); res.status != 200 {
+		t.Fatalf("readyz on a healthy store: %d %s", res.status, res.body)
+	}
+	store.files.createTemp = func(dir, pattern string) (*os.File, error) {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: syscall.EROFS}
+	}
+	p := checkProblem(t, s.do(t, request{method: "GET", path: "/readyz"}), 503, "/readyz")
+	if !strings.Contains(p.Detail, "read-only file system") || strings.Contains(p.Detail, dir) {
+		t.Errorf("detail %q: want the reason, without the path", p.Detail)
+	}
+	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 {
+		t.Errorf("healthz while the store refuses writes: %d", res.status)
+	}
+	store.files.createTemp = os.CreateTemp
+	if res := s.do(t, request{method: "GET", path: "/readyz"}); res.status != 200 {
+		t.Errorf("readyz once the store takes writes again: %d %s", res.status, res.body)
+	}
+	os.RemoveAll(dir)
+	p = checkProblem(t, s.do(t, request{method: "GET", path: "/readyz"}), 503, "/readyz")
+	if !strings.Contains(p.Detail, "removed") {
+		t.Errorf("detail %q does not say the directory was removed", p.Detail)
+	}
+}
+
+// TestFullStoreIs507: creates and growing replaces past -max-store-bytes
+// are 507 problems; reads go on, and a delete makes room.
+func TestFullStoreIs507(t *testing.T) {
+	entry := `{"full_name":"Ada Lovelace"}`
+	s := newTestServerOn(t, NewMapStore(int64(2*len(entry))))
+	first, _ := s.create(t, entry)
+	second, etag := s.create(t, entry)
+	p := checkProblem(t, s.do(t, request{method: "POST", path: "/addresses", body: entry}), 507, "/addresses")
+	if !strings.Contains(p.Detail, "size limit") {
+		t.Errorf("507 detail %q does not say why", p.Detail)
+	}
+	checkProblem(t, s.do(t, request{method: "PUT", path: "/addresses/" + second, body: `{"full_name":"Ada Lovelace, Countess"}`}), 507, "/addresses/"+second)
+	if res := s.do(t, request{method: "GET", path: "/addresses/" + second}); res.status != 200 || res.header.Get("ETag") != etag {
+		t.Errorf("GET after a refused replace: %d, ETag %s, want 200 and the old %s", res.status, res.header.Get("ETag"), etag)
+	}
+	if res := s.do(t, request{method: "PUT", path: "/addresses/" + second, body: `{"full_name":"Ada"}`}); res.status != 204 {
+		t.Errorf("a replace that shrinks: %d, want 204", res.status)
+	}
+	if res := s.do(t, request{method: "DELETE", path: "/addresses/" + first}); res.status != 204 {
+		t.Fatalf("DELETE: %d", res.status)
+	}
+	s.create(t, entry)
+}
+
+// TestValidationProblemListsAtMostAHundredErrors: a body of many mistakes
+// gets the first 100 and the count of the rest.
+func TestValidationProblemListsAtMostAHundredErrors(t *testing.T) {
+	s := newTestServer(t)
+	body := `{"full_name":"A","emails":[` + strings.TrimSuffix(strings.Repeat(`{"kind":"x","email":"y"},`, 64), ",") + `]}`
+	p := checkProblem(t, s.do(t, request{method: "POST", path: "/addresses", body: body}), 400, "/addresses")
+	if len(p.Errors) != 100 || p.More != 28 {
+		t.Errorf("%d errors listed and more_errors %d, want 100 and 28", len(p.Errors), p.More)
+	}
+}
+
+// rawRequest sends head (a request line and headers) and then body on a new
+// connection to the test server, and returns the connection.
+func (s *testServer) dial(t *testing.T, head, body string) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", s.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if _, err := io.WriteString(conn, head+body); err != nil {
+		t.Fatal(err)
+	}
+	return conn
+}
+
+// readStatus reads one response from conn and returns its status and header.
+func readStatus(t *testing.T, conn net.Conn) (int, http.Header) {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("reading the response: %v", err)
+	}
+	res.Body.Close()
+	return res.StatusCode, res.Header
+}
+
+// TestContentLengthOverMaxBodyIs413AtOnce: a declared size over -max-body is
+// refused before any of the body is read, so Expect: 100-continue gets the
+// 413 and never a 100 Continue.
+func TestContentLengthOverMaxBodyIs413AtOnce(t *testing.T) {
+	s := newTestServer(t)
+	conn := s.dial(t, "POST /addresses HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"+
+		"Expect: 100-continue\r\nContent-Length: 99999999\r\n\r\n", "")
+	if status, _ := readStatus(t, conn); status != http.StatusRequestEntityTooLarge {
+		t.Errorf("status %d, want 413 before the body", status)
+	}
+}
+
+// TestBodyMemoryBudget: while slow uploads hold the whole budget, a further
+// upload gets 503 with Retry-After at once, and healthz still answers; when
+// the slow ones finish, uploads work again.
+func TestBodyMemoryBudget(t *testing.T) {
+	s := newTestServer(t) // budget: four bodies of testMaxBody
+	entry := `{"full_name":"Slow Upload"}`
+	body := entry + strings.Repeat(" ", testMaxBody-len(entry))
+	head := fmt.Sprintf("POST /addresses HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", len(body))
+	var slow []net.Conn
+	for range 4 {
+		slow = append(slow, s.dial(t, head, body[:100])) // then they stall
+	}
+	var res response
+	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(10 * time.Millisecond) {
+		// the stalled uploads take their share as the server reads their headers
+		if res = s.do(t, request{method: "POST", path: "/addresses", body: body}); res.status == 503 {
+			break
+		}
+	}
+	if res.status != 503 {
+		t.Log(s.logs.String())
+	}
+	checkProblem(t, res, 503, "/addresses")
+	if got := res.header.Get("Retry-After"); got != "1" {
+		t.Errorf("Retry-After %q, want 1", got)
+	}
+	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 {
+		t.Errorf("healthz while the budget is spent: %d", res.status)
+	}
+	for _, conn := range slow {
+		io.WriteString(conn, body[100:])
+		if status, _ := readStatus(t, conn); status != 201 {
+			t.Errorf("a slow upload that held its share: %d, want 201", status)
+		}
+	}
+	s.create(t, body)
+}
+
 // ---- the program: run() in process -------------------------------------------
 
 // program is run() started in this process on a free port.
@@ -801,7 +954,7 @@ func TestRunHelpPrintsUsage(t *testing.T) {
 	if err := run(context.Background(), []string{"-h"}, func(string) string { return "" }, &logs, &stderr); err != nil {
 		t.Fatalf("run -h = %v, want nil", err)
 	}
-	for _, want := range []string{"-addr", "-data", "-log-level", "-log-format", "-max-body", "-shutdown-timeout", "ADDRSERVICE_", "1048576", ":8080", "10s"} {
+	for _, want := range []string{"-addr", "-data", "-log-level", "-log-format", "-max-body", "-max-body-memory", "-max-store-bytes", "-max-conns", "-shutdown-timeout", "ADDRSERVICE_", "(default 1MiB)", "(default 128MiB)", ":8080", "10s"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("usage lacks %q:\n%s", want, stderr.String())
 		}
@@ -844,7 +997,8 @@ func newPanickyServer(t *testing.T, logs io.Writer, format string) *httptest.Ser
 	ready := new(atomic.Bool)
 	ready.Store(true)
 	mux := http.NewServeMux()
-	addRoutes(mux, log, NewService(NewMapStore(0), log), handlerConfig{maxBody: testMaxBody, ready: ready})
+	store := NewMapStore(0)
+	addRoutes(mux, log, NewService(store, log), testConfig(store, ready))
 	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) { panic("boom at the handler") })
 	mux.HandleFunc("GET /panic-late", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("partial"))
@@ -1047,7 +1201,7 @@ func TestSlowHeaderClientIsCutOff(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.timeouts.readHeader = 300 * time.Millisecond
-	p := startProgram(t, func(ctx context.Context, logs, _ io.Writer) error { return serve(ctx, cfg, logs) })
+	p := startProgram(t, func(ctx context.Context, logs, _ io.Writer) error { return serve(ctx, cfg, logs, io.Discard) })
 
 	conn, err := net.Dial("tcp", p.addr)
 	if err != nil {
@@ -1211,25 +1365,36 @@ func TestHelperProcess(t *testing.T) {
 	if os.Getenv("ADDRSERVICE_CRASH_HELPER") != "1" {
 		t.Skip("runs only as the crash test's child")
 	}
-	err := run(context.Background(), []string{"-addr", "127.0.0.1:0", "-log-format", "json"}, os.Getenv, os.Stdout, os.Stderr)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	os.Exit(0)
+	// As main does it: the same signals, the same exit statuses.
+	ctx, stop := signalContext()
+	defer stop()
+	err := run(ctx, []string{"-addr", "127.0.0.1:0", "-log-format", "json"}, os.Getenv, os.Stdout, os.Stderr)
+	os.Exit(exitStatus(err, os.Stderr))
 }
 
 // crashChild is the server running in a child process on a data directory.
 type crashChild struct {
-	cmd  *exec.Cmd
-	base string
+	cmd    *exec.Cmd
+	base   string
+	out    io.ReadCloser // the child's stdout, its log
+	stderr *syncBuffer
 }
 
 func startCrashChild(t *testing.T, dir string) *crashChild {
 	t.Helper()
+	c := startChild(t, "ADDRSERVICE_DATA="+dir)
+	go io.Copy(io.Discard, c.out) // keep the child's log pipe flowing
+	return c
+}
+
+// startChild starts this test binary as the server, the way main runs it,
+// with env added to its environment, and waits for its starting line.
+func startChild(t *testing.T, env ...string) *crashChild {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$")
-	cmd.Env = append(os.Environ(), "ADDRSERVICE_CRASH_HELPER=1", "ADDRSERVICE_DATA="+dir)
-	cmd.Stderr = os.Stderr
+	cmd.Env = append(append(os.Environ(), "ADDRSERVICE_CRASH_HELPER=1"), env...)
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -1241,14 +1406,73 @@ func startCrashChild(t *testing.T, dir string) *crashChild {
 	for lines.Scan() {
 		var rec map[string]any
 		if json.Unmarshal(lines.Bytes(), &rec) == nil && rec["msg"] == "starting" {
-			go io.Copy(io.Discard, out) // keep the child's log pipe flowing
-			return &crashChild{cmd: cmd, base: "http://" + rec["addr"].(string)}
+			return &crashChild{cmd: cmd, base: "http://" + rec["addr"].(string), out: out, stderr: stderr}
 		}
 	}
 	cmd.Process.Kill()
 	cmd.Wait()
-	t.Fatalf("the child did not start")
+	t.Fatalf("the child did not start: %s", stderr)
 	return nil
+}
+
+// exitCode waits for the child to end, at most 10 s, and returns its exit
+// status (-1: killed by a signal).
+func (c *crashChild) exitCode(t *testing.T) int {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { c.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		c.cmd.Process.Kill()
+		<-done
+		t.Fatal("the child did not exit within 10 s")
+	}
+	return c.cmd.ProcessState.ExitCode()
+}
+
+// TestSignalsDrain: SIGHUP, like SIGTERM and SIGINT, drains and exits 0 with
+// a stopped line.
+func TestSignalsDrain(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT} {
+		t.Run(sig.String(), func(t *testing.T) {
+			c := startChild(t)
+			logs := &syncBuffer{}
+			copied := make(chan struct{})
+			go func() { io.Copy(logs, c.out); close(copied) }()
+			c.cmd.Process.Signal(sig)
+			if code := c.exitCode(t); code != 0 {
+				t.Errorf("exit status %d after %v, want 0; stderr: %s", code, sig, c.stderr)
+			}
+			<-copied
+			if !strings.Contains(logs.String(), `"msg":"stopped"`) {
+				t.Errorf("no stopped line after %v:\n%s", sig, logs)
+			}
+		})
+	}
+}
+
+// TestLogReaderGoingAwayIsNotFatal: when the reader of the log pipe exits
+// (addrservice | head -1), writes fail with EPIPE; the service must go on
+// serving, say so once on stderr, and still drain and exit 0.
+func TestLogReaderGoingAwayIsNotFatal(t *testing.T) {
+	c := startChild(t)
+	c.out.Close()
+	for i := range 20 {
+		res, err := http.Get(c.base + "/healthz")
+		if err != nil {
+			t.Fatalf("request %d after the log reader left: %v (the service died?)", i, err)
+		}
+		res.Body.Close()
+		time.Sleep(20 * time.Millisecond) // past a log flush or two
+	}
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	if code := c.exitCode(t); code != 0 {
+		t.Errorf("exit status %d, want 0; stderr: %s", code, c.stderr)
+	}
+	if !strings.Contains(c.stderr.String(), "writing the log failed") {
+		t.Errorf("stderr does not report the failed log writes: %q", c.stderr)
+	}
 }
 
 // crashEntry is what a writer knows of one entry: the body last acknowledged
@@ -1499,7 +1723,8 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	logs := newLogBuffer(logFile, 100*time.Millisecond)
 	b.Cleanup(logs.Close)
 	log := newLogger(logs, "text", slog.LevelInfo)
-	svc := NewService(NewMapStore(0), log)
+	store := NewMapStore(0)
+	svc := NewService(store, log)
 	e, err := ParseEntry(entry)
 	if err != nil {
 		b.Fatal(err)
@@ -1514,7 +1739,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	}
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	book.handler = newHandler(log, svc, handlerConfig{maxBody: 1 << 20, ready: ready})
+	book.handler = newHandler(log, svc, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(store)})
 	return book
 }
 

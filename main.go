@@ -21,12 +21,14 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -42,19 +44,39 @@ import (
 )
 
 func main() {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signalContext()
+	defer stop()
+	os.Exit(exitStatus(run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr), os.Stderr))
+}
+
+// signalContext returns a context cancelled by the first SIGINT, SIGTERM or
+// SIGHUP; a second one ends the process at once. SIGHUP drains like SIGTERM
+// because it is what a closing terminal or a supervisor's restart sends, and
+// dying mid-write on it would be the worst answer. SIGPIPE is ignored: a log
+// reader that goes away turns log writes into errors, which are counted
+// (see logBuffer), instead of killing the service.
+func signalContext() (context.Context, context.CancelFunc) {
+	signal.Ignore(syscall.SIGPIPE)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	go func() {
 		<-ctx.Done()
 		stop() // from now on a second signal ends the process at once
 	}()
-	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
-		fmt.Fprintln(os.Stderr, "addrservice:", err)
-		var usage *usageError
-		if errors.As(err, &usage) {
-			os.Exit(2)
-		}
-		os.Exit(1)
+	return ctx, stop
+}
+
+// exitStatus reports err and returns the exit status: 0 after a clean stop,
+// 2 for a bad flag or variable, 1 for any other failure.
+func exitStatus(err error, stderr io.Writer) int {
+	if err == nil {
+		return 0
 	}
+	fmt.Fprintln(stderr, "addrservice:", err)
+	var usage *usageError
+	if errors.As(err, &usage) {
+		return 2
+	}
+	return 1
 }
 
 // run is the whole program: it serves until ctx is cancelled, then drains.
@@ -68,7 +90,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	cfg.tuneGC = getenv("GOGC") == "" // an operator's GOGC wins
-	return serve(ctx, cfg, stdout)
+	return serve(ctx, cfg, stdout, stderr)
 }
 
 // config is everything the flags and environment decide.
@@ -78,6 +100,9 @@ type config struct {
 	logLevel        slog.Level
 	logFormat       string
 	maxBody         int64
+	maxBodyMemory   int64 // request bodies held at once, across all requests
+	maxStoreBytes   int64 // the stored entries' JSON, in all
+	maxConns        int   // connections served at once; more wait to be accepted
 	shutdownTimeout time.Duration
 	timeouts        serverTimeouts
 	tuneGC          bool // see tuneGC
@@ -132,13 +157,24 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 		cfg.logFormat = s
 		return nil
 	})
-	cfg.maxBody = 1 << 20
-	fs.Func("max-body", "largest request body in `bytes`, before and after gzip decoding (default 1048576)", func(s string) error {
-		n, err := strconv.ParseInt(s, 10, 64)
+	bytesFlag := func(name string, p *int64, value int64, usage string) {
+		*p = value
+		fs.Func(name, fmt.Sprintf("%s, in `bytes` (or with KiB, MiB, GiB) (default %s)", usage, formatBytes(value)), func(s string) error {
+			n, err := parseBytes(s)
+			*p = n
+			return err
+		})
+	}
+	bytesFlag("max-body", &cfg.maxBody, 1<<20, "largest request body, before and after gzip decoding")
+	bytesFlag("max-body-memory", &cfg.maxBodyMemory, 64<<20, "memory for request bodies being read, across all requests; past it a request gets 503")
+	bytesFlag("max-store-bytes", &cfg.maxStoreBytes, 128<<20, "largest total of stored entries' JSON; past it creates and growing replaces get 507")
+	cfg.maxConns = 4096
+	fs.Func("max-conns", "connections served at once; more wait to be accepted (`count`, default 4096)", func(s string) error {
+		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 {
-			return errors.New("must be a whole number of bytes, at least 1")
+			return errors.New("must be a whole number, at least 1")
 		}
-		cfg.maxBody = n
+		cfg.maxConns = n
 		return nil
 	})
 	cfg.shutdownTimeout = 10 * time.Second
@@ -182,26 +218,70 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 	if _, _, err := net.SplitHostPort(cfg.addr); err != nil {
 		return cfg, &usageError{fmt.Sprintf("invalid value %q for -addr (or ADDRSERVICE_ADDR): must be host:port, such as :8080", cfg.addr)}
 	}
+	if cfg.maxBodyMemory <= cfg.maxBody {
+		return cfg, &usageError{fmt.Sprintf("-max-body-memory (%d) must be larger than -max-body (%d), or no body of the largest size could ever be read", cfg.maxBodyMemory, cfg.maxBody)}
+	}
 	return cfg, nil
 }
 
+// parseBytes reads a size such as 1048576, 512KiB, 64MiB or 1GiB.
+func parseBytes(s string) (int64, error) {
+	digits, unit := s, int64(1)
+	for suffix, size := range map[string]int64{"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30} {
+		if d, ok := strings.CutSuffix(s, suffix); ok {
+			digits, unit = d, size
+		}
+	}
+	n, err := strconv.ParseInt(digits, 10, 64)
+	if err != nil || n < 1 || strings.TrimLeft(digits, "0123456789") != "" || n > math.MaxInt64/unit {
+		return 0, errors.New("must be a whole number of bytes, at least 1, such as 1048576 or 64MiB")
+	}
+	return n * unit, nil
+}
+
+// formatBytes writes n the way parseBytes reads it, in the largest unit
+// that divides it.
+func formatBytes(n int64) string {
+	for _, u := range []struct {
+		suffix string
+		size   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if n >= u.size && n%u.size == 0 {
+			return strconv.FormatInt(n/u.size, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(n, 10)
+}
+
 // serve opens the store, listens, serves until ctx is done, then drains.
-func serve(ctx context.Context, cfg config, logOut io.Writer) error {
+// Logs go to logOut; stderr hears when writing them fails.
+func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	logs := newLogBuffer(logOut, 100*time.Millisecond)
 	defer logs.Close()
 	log := newLogger(logs, cfg.logFormat, cfg.logLevel)
+	logs.onFail = func(err error) {
+		fmt.Fprintf(stderr, "addrservice: writing the log failed (%v); lines are dropped and counted until it works again\n", err)
+	}
+	logs.onRecover = func(lost int64) {
+		log.Warn("log output works again; lines written while it failed are lost", "lost_lines", lost)
+	}
 
-	store, err := openStore(cfg.dataDir)
+	store, err := openStore(cfg.dataDir, cfg.maxStoreBytes)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
+	if size, limit := store.Size(); limit > 0 && size > limit {
+		log.Warn("the stored entries are over -max-store-bytes; creates are refused until deletes make room", "bytes", size, "max_store_bytes", limit)
+	}
 
 	// Listen before anything else can fail late: a port in use is reported now.
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
 		return err
 	}
+	maxConns := connectionLimit(cfg.maxConns)
+	ln = newLimitListener(ln, maxConns)
 
 	if cfg.tuneGC {
 		gcCtx, stopGC := context.WithCancel(ctx)
@@ -212,7 +292,12 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	var ready atomic.Bool
 	ready.Store(true)
 	srv := &http.Server{
-		Handler:           newHandler(log, NewService(store, log), handlerConfig{maxBody: cfg.maxBody, ready: &ready}),
+		Handler: newHandler(log, NewService(store, log), handlerConfig{
+			maxBody:    cfg.maxBody,
+			bodies:     newBodyBudget(cfg.maxBodyMemory),
+			ready:      &ready,
+			storeReady: readiness(store),
+		}),
 		ReadHeaderTimeout: cfg.timeouts.readHeader,
 		ReadTimeout:       cfg.timeouts.read,
 		WriteTimeout:      cfg.timeouts.write,
@@ -221,7 +306,8 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("starting", "addr", ln.Addr().String(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
-		"max_body", cfg.maxBody, "shutdown_timeout", cfg.shutdownTimeout.String())
+		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_store_bytes", cfg.maxStoreBytes,
+		"max_conns", maxConns, "shutdown_timeout", cfg.shutdownTimeout.String())
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
@@ -243,8 +329,66 @@ func serve(ctx context.Context, cfg config, logOut io.Writer) error {
 	if err := store.Close(); err != nil {
 		return fmt.Errorf("closing the store: %w", err)
 	}
-	log.Info("stopped")
+	log.Info("stopped", "lost_log_lines", logs.lost.Load())
 	return nil
+}
+
+// connectionLimit lowers want, if it must, to leave descriptorReserve file
+// descriptors free whatever the clients do, so the store's writes never
+// fail for lack of one.
+func connectionLimit(want int) int {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur > math.MaxInt32 {
+		return want
+	}
+	return max(1, min(want, int(lim.Cur)-descriptorReserve))
+}
+
+// descriptorReserve is what connections may never use: the store, the log,
+// and a margin.
+const descriptorReserve = 128
+
+// limitListener accepts at most max connections at once; the rest wait in
+// the kernel's queue until one closes, costing the process nothing.
+type limitListener struct {
+	net.Listener
+	slots     chan struct{}
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func newLimitListener(ln net.Listener, max int) *limitListener {
+	return &limitListener{Listener: ln, slots: make(chan struct{}, max), closed: make(chan struct{})}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	select {
+	case l.slots <- struct{}{}:
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.slots
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
+}
+
+func (l *limitListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return l.Listener.Close()
+}
+
+type limitedConn struct {
+	net.Conn
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.release()
+	return err
 }
 
 // tuneGC keeps the heap's headroom for garbage near gcHeadroom rather than
@@ -281,11 +425,11 @@ func gcPercentFor(live uint64) int {
 }
 
 // openStore returns the store the configuration asks for.
-func openStore(dataDir string) (Store, error) {
+func openStore(dataDir string, maxBytes int64) (*MapStore, error) {
 	if dataDir == "" {
-		return NewMapStore(0), nil
+		return NewMapStore(maxBytes), nil
 	}
-	return OpenMapStore(dataDir, 0, storedRecord(ParseEntry))
+	return OpenMapStore(dataDir, maxBytes, storedRecord(ParseEntry))
 }
 
 // newLogger returns a logger whose records carry the request id of the
@@ -333,63 +477,97 @@ func (h logHandler) WithGroup(name string) slog.Handler {
 
 // logBuffer collects log lines and writes them out in one call every
 // interval: at thousands of requests a second, a write per line costs more
-// than the lines themselves. Lines at WARN and above are flushed at once (see
-// logHandler), so only INFO lines of the last interval can be lost if the
-// process is killed.
+// than the lines themselves. Only its own goroutine writes, so a log reader
+// that stalls or goes away never holds up a request: lines past
+// maxLogBuffer wait nowhere, and lines whose write fails are dropped, both
+// counted in lost. Lines at WARN and above are handed to the writer at once
+// (see logHandler), so what a kill -9 can lose is the INFO lines of the last
+// interval.
 type logBuffer struct {
-	mu   sync.Mutex
-	buf  []byte
-	out  io.Writer
-	stop chan struct{}
-	done chan struct{}
+	mu        sync.Mutex
+	buf       []byte
+	out       io.Writer
+	lost      atomic.Int64     // lines dropped: output failed or too far behind
+	failing   bool             // the last write failed; only the writer goroutine uses it
+	onFail    func(err error)  // when writes start to fail
+	onRecover func(lost int64) // when they work again
+	kick      chan struct{}
+	stop      chan struct{}
+	done      chan struct{}
 }
 
-const maxLogBuffer = 64 << 10 // flush early past this many bytes
+const maxLogBuffer = 1 << 20 // lines past this are dropped, not queued
 
 func newLogBuffer(out io.Writer, interval time.Duration) *logBuffer {
-	b := &logBuffer{out: out, stop: make(chan struct{}), done: make(chan struct{})}
+	b := &logBuffer{out: out, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(b.done)
 		tick := time.NewTicker(interval)
 		defer tick.Stop()
+		var spare []byte
 		for {
 			select {
 			case <-tick.C:
-				b.Flush()
+			case <-b.kick:
 			case <-b.stop:
-				b.Flush()
+				b.writeOut(&spare)
 				return
 			}
+			b.writeOut(&spare)
 		}
 	}()
 	return b
 }
 
+// Write queues p, one log record.
 func (b *logBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if len(b.buf)+len(p) > maxLogBuffer {
+		b.lost.Add(1)
+		return len(p), nil
+	}
 	b.buf = append(b.buf, p...)
-	if len(b.buf) >= maxLogBuffer {
-		b.flushLocked()
+	if len(b.buf) >= 64<<10 {
+		b.Flush()
 	}
 	return len(p), nil
 }
 
-// Flush writes out what is buffered.
+// Flush asks the writer goroutine to write out what is queued now.
 func (b *logBuffer) Flush() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.flushLocked()
-}
-
-func (b *logBuffer) flushLocked() {
-	if len(b.buf) > 0 {
-		b.out.Write(b.buf) // nowhere to report a failed log write
-		b.buf = b.buf[:0]
+	select {
+	case b.kick <- struct{}{}:
+	default: // a write is already due
 	}
 }
 
-// Close flushes and stops the flushing goroutine.
+// writeOut swaps the queue for spare and writes it, outside the lock.
+func (b *logBuffer) writeOut(spare *[]byte) {
+	b.mu.Lock()
+	out := b.buf
+	b.buf = (*spare)[:0]
+	b.mu.Unlock()
+	if len(out) == 0 {
+		*spare = out
+		return
+	}
+	if _, err := b.out.Write(out); err != nil {
+		b.lost.Add(int64(bytes.Count(out, []byte{'\n'})))
+		if !b.failing && b.onFail != nil {
+			b.onFail(err)
+		}
+		b.failing = true
+	} else if b.failing {
+		b.failing = false
+		if b.onRecover != nil {
+			b.onRecover(b.lost.Load())
+		}
+	}
+	*spare = out
+}
+
+// Close writes out what is queued and stops the writer goroutine.
 func (b *logBuffer) Close() {
 	close(b.stop)
 	<-b.done

@@ -67,6 +67,17 @@ type Store interface {
 	Close() error
 }
 
+// readiness returns the store's Ready method when it has one. Ready is
+// optional, outside Store: a store that can tell when it cannot take writes
+// (MapStore on a directory, a database that does not answer) says so with
+// Ready(ctx) error, and /readyz reports it.
+func readiness(s Store) func(context.Context) error {
+	if r, ok := s.(interface{ Ready(context.Context) error }); ok {
+		return r.Ready
+	}
+	return func(context.Context) error { return nil }
+}
+
 func versionMatches(version Version, ifMatch []string) bool {
 	if ifMatch == nil {
 		return true
