@@ -186,6 +186,31 @@ check_e2e() {
 	kill "$curl_pid" 2>/dev/null || true
 	[[ $status == 143 ]] || { echo "exit status $status after two signals, want 143 (killed by SIGTERM)"; return 1; }
 
+	echo "SIGHUP drains like SIGTERM"
+	e2e_start
+	kill -HUP "$pid"
+	status=0; wait "$pid" || status=$?
+	[[ $status == 0 ]] && grep -q 'msg=stopped' "$tmp/log" || { echo "exit status $status after SIGHUP, want 0 and a stopped line"; return 1; }
+
+	echo "a log reader that goes away (| head -1) does not stop the service"
+	mkfifo "$tmp/fifo"
+	"$bin" -addr 127.0.0.1:0 >"$tmp/fifo" 2>"$tmp/err" &
+	pid=$!
+	head -n 1 <"$tmp/fifo" >"$tmp/first"
+	addr=$(wait_for "$tmp/first" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the binary did not start"; return 1; }
+	for _ in $(seq 20); do curl -s -o /dev/null "http://$addr/healthz" || true; sleep 0.02; done
+	[[ $(curl -s -o /dev/null -w '%{http_code}' "http://$addr/healthz") == 200 ]] || { echo "the service died when its log reader left"; return 1; }
+	grep -q 'writing the log failed' "$tmp/err" || { echo "no word on stderr of the failed log writes"; return 1; }
+	kill -TERM "$pid"
+	status=0; wait "$pid" || status=$?
+	[[ $status == 0 ]] || { echo "exit status $status, want 0"; return 1; }
+
+	echo "Expect: 100-continue with a Content-Length over -max-body: 413 at once"
+	e2e_start
+	[[ $(curl -s -o /dev/null -w '%{http_code}' -H 'Expect: 100-continue' -H 'Content-Type: application/json' \
+		-H 'Content-Length: 99999999' --data-binary '{}' --max-time 5 "http://$addr/addresses") == 413 ]] || { echo "no 413"; return 1; }
+	kill -TERM "$pid"; wait "$pid" || true
+
 	echo "-data: an acknowledged entry survives kill -9, with its ETag"
 	e2e_start -data "$tmp/data"
 	local loc etag
@@ -201,6 +226,10 @@ check_e2e() {
 	echo '{"full_name":' >"$tmp/data/0123456789abcdef0123456789abcdef.json"
 	status=0; "$bin" -addr 127.0.0.1:0 -data "$tmp/data" >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 1 ]] && grep -q "0123456789abcdef0123456789abcdef.json" "$tmp/err" || { echo "corrupt file: status $status"; cat "$tmp/err"; return 1; }
+	rm "$tmp/data/0123456789abcdef0123456789abcdef.json"
+	ln -s "$PWD/testdata/ada-lovelace.json" "$tmp/data/0123456789abcdef0123456789abcdef.json"
+	status=0; "$bin" -addr 127.0.0.1:0 -data "$tmp/data" >/dev/null 2>"$tmp/err" || status=$?
+	[[ $status == 1 ]] && grep -q "0123456789abcdef0123456789abcdef.json is not a regular file" "$tmp/err" || { echo "an entry that is a symlink: status $status"; cat "$tmp/err"; return 1; }
 
 	echo "a bad flag exits 2 with one line on stderr"
 	status=0; "$bin" -max-body lots >/dev/null 2>"$tmp/err" || status=$?
@@ -241,7 +270,7 @@ check_load() {
 
 	for n in $(tr , " " <<<"${LOAD_ENTRIES:-1000}"); do
 		: >"$tmp/service.log"
-		GOMAXPROCS=1 "${server_cpu[@]}" "$tmp/addrservice" -addr 127.0.0.1:0 -log-level info >"$tmp/service.log" 2>&1 &
+		GOMAXPROCS=1 "${server_cpu[@]}" "$tmp/addrservice" -addr 127.0.0.1:0 -log-level info -max-store-bytes 4GiB >"$tmp/service.log" 2>&1 &
 		pid=$!
 		addr=$(wait_for "$tmp/service.log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the service did not start"; return 1; }
 		base=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
