@@ -35,21 +35,22 @@ type handlerConfig struct {
 }
 
 // newHandler returns the whole API with its middleware.
-func newHandler(log *slog.Logger, svc *Service, cfg handlerConfig) http.Handler {
+func newHandler(log *slog.Logger, book *Collection[Entry], cfg handlerConfig) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, log, svc, cfg)
+	addRoutes(mux, log, book, cfg)
 	return withMiddleware(log, mux)
 }
 
-// addRoutes is the whole API in one table.
-func addRoutes(mux *http.ServeMux, log *slog.Logger, svc *Service, cfg handlerConfig) {
-	mux.Handle("POST /addresses", handle(log, createEntry(svc, cfg)))
-	mux.Handle("GET /addresses", handle(log, listEntries(svc)))
-	mux.Handle("POST /addresses/{$}", handle(log, createEntry(svc, cfg)))
-	mux.Handle("GET /addresses/{$}", handle(log, listEntries(svc)))
-	mux.Handle("GET /addresses/{id}", handle(log, getEntry(svc)))
-	mux.Handle("PUT /addresses/{id}", handle(log, replaceEntry(svc, cfg)))
-	mux.Handle("DELETE /addresses/{id}", handle(log, deleteEntry(svc)))
+// addRoutes is the whole API in one table. Each resource has the same seven
+// lines, with its collection and its parse function.
+func addRoutes(mux *http.ServeMux, log *slog.Logger, book *Collection[Entry], cfg handlerConfig) {
+	mux.Handle("POST /addresses", handle(log, createItem(book, ParseEntry, cfg)))
+	mux.Handle("GET /addresses", handle(log, listItems(book)))
+	mux.Handle("POST /addresses/{$}", handle(log, createItem(book, ParseEntry, cfg)))
+	mux.Handle("GET /addresses/{$}", handle(log, listItems(book)))
+	mux.Handle("GET /addresses/{id}", handle(log, getItem(book)))
+	mux.Handle("PUT /addresses/{id}", handle(log, replaceItem(book, ParseEntry, cfg)))
+	mux.Handle("DELETE /addresses/{id}", handle(log, deleteItem(book)))
 	mux.Handle("GET /healthz", handle(log, healthz()))
 	mux.Handle("GET /readyz", handle(log, readyz(cfg)))
 }
@@ -78,31 +79,36 @@ func handle(log *slog.Logger, fn apiFunc) http.Handler {
 	})
 }
 
-func createEntry(svc *Service, cfg handlerConfig) apiFunc {
+// The handlers below serve any resource: each takes the resource's
+// Collection and, where it reads a body, the function that parses it.
+// Locations and links are built from the request's own path, so they name
+// whichever resource was asked for.
+
+func createItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg handlerConfig) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
-		e, err := readJSON(w, r, cfg, ParseEntry)
+		v, err := readJSON(w, r, cfg, parse)
 		if err != nil {
 			return err
 		}
-		id, rec, err := svc.Create(r.Context(), e)
+		id, rec, err := c.Create(r.Context(), v)
 		if err != nil {
 			return err
 		}
 		h := w.Header()
-		h["Location"] = []string{"/addresses/" + id.String()}
+		h["Location"] = []string{strings.TrimSuffix(r.URL.Path, "/") + "/" + id.String()}
 		h["Etag"] = []string{etag(rec.Version)}
 		writeBody(w, r, http.StatusCreated, jsonType, rec.JSON)
 		return nil
 	}
 }
 
-func getEntry(svc *Service) apiFunc {
+func getItem[T any](c *Collection[T]) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
 			return err
 		}
-		rec, err := svc.Get(r.Context(), id)
+		rec, err := c.Get(r.Context(), id)
 		if err != nil {
 			return err
 		}
@@ -118,17 +124,17 @@ func getEntry(svc *Service) apiFunc {
 	}
 }
 
-func replaceEntry(svc *Service, cfg handlerConfig) apiFunc {
+func replaceItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg handlerConfig) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
 			return err
 		}
-		e, err := readJSON(w, r, cfg, ParseEntry)
+		v, err := readJSON(w, r, cfg, parse)
 		if err != nil {
 			return err
 		}
-		rec, err := svc.Replace(r.Context(), id, e, ifMatch(r))
+		rec, err := c.Replace(r.Context(), id, v, ifMatch(r))
 		if err != nil {
 			return err
 		}
@@ -138,13 +144,13 @@ func replaceEntry(svc *Service, cfg handlerConfig) apiFunc {
 	}
 }
 
-func deleteEntry(svc *Service) apiFunc {
+func deleteItem[T any](c *Collection[T]) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
 			return err
 		}
-		if err := svc.Delete(r.Context(), id, ifMatch(r)); err != nil {
+		if err := c.Delete(r.Context(), id, ifMatch(r)); err != nil {
 			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
@@ -152,13 +158,13 @@ func deleteEntry(svc *Service) apiFunc {
 	}
 }
 
-func listEntries(svc *Service) apiFunc {
+func listItems[T any](c *Collection[T]) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		limit, after, err := pageQuery(r)
 		if err != nil {
 			return err
 		}
-		page, err := svc.List(r.Context(), after, limit)
+		page, err := c.List(r.Context(), after, limit)
 		if err != nil {
 			return err
 		}
@@ -178,7 +184,7 @@ func listEntries(svc *Service) apiFunc {
 		buf.WriteByte('}')
 		if page.More {
 			last := page.Items[len(page.Items)-1].ID
-			w.Header()["Link"] = []string{fmt.Sprintf(`</addresses?limit=%d&after=%s>; rel="next"`, limit, last)}
+			w.Header()["Link"] = []string{fmt.Sprintf(`<%s?limit=%d&after=%s>; rel="next"`, strings.TrimSuffix(r.URL.Path, "/"), limit, last)}
 		}
 		writeBody(w, r, http.StatusOK, jsonType, buf.Bytes())
 		return nil
@@ -246,7 +252,7 @@ func pageQuery(r *http.Request) (limit int, after ID, err error) {
 	if vs, ok := q["after"]; ok {
 		var valid bool
 		if after, valid = ParseID(vs[0]); len(vs) > 1 || !valid {
-			return 0, ID{}, &httpError{status: http.StatusBadRequest, detail: "after must be an entry id: 32 lowercase hex characters"}
+			return 0, ID{}, &httpError{status: http.StatusBadRequest, detail: "after must be an id: 32 lowercase hex characters"}
 		}
 	}
 	return limit, after, nil

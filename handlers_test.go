@@ -52,7 +52,7 @@ func newTestServerOn(t *testing.T, store Store) *testServer {
 	log := newLogger(logs, "json", slog.LevelDebug)
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	svc := NewService(store, log)
+	svc := NewCollection[Entry](store, log)
 	srv := httptest.NewServer(newHandler(log, svc, testConfig(store, ready)))
 	t.Cleanup(srv.Close)
 	return &testServer{Server: srv, logs: logs, ready: ready}
@@ -998,7 +998,7 @@ func newPanickyServer(t *testing.T, logs io.Writer, format string) *httptest.Ser
 	ready.Store(true)
 	mux := http.NewServeMux()
 	store := NewMapStore(0)
-	addRoutes(mux, log, NewService(store, log), testConfig(store, ready))
+	addRoutes(mux, log, NewCollection[Entry](store, log), testConfig(store, ready))
 	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) { panic("boom at the handler") })
 	mux.HandleFunc("GET /panic-late", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("partial"))
@@ -1142,7 +1142,7 @@ func TestServiceLogsCarryTheRequestID(t *testing.T) {
 	s.do(t, request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"X-Request-ID": "trace-me"}})
 	found := false
 	for _, rec := range logRecords(t, s.logs.String()) {
-		if rec["msg"] == "entry created" {
+		if rec["msg"] == "created" {
 			found = rec["request_id"] == "trace-me"
 		}
 	}
@@ -1724,7 +1724,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	b.Cleanup(logs.Close)
 	log := newLogger(logs, "text", slog.LevelInfo)
 	store := NewMapStore(0)
-	svc := NewService(store, log)
+	svc := NewCollection[Entry](store, log)
 	e, err := ParseEntry(entry)
 	if err != nil {
 		b.Fatal(err)

@@ -33,6 +33,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"runtime/metrics"
 	"strconv"
@@ -266,14 +267,12 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		log.Warn("log output works again; lines written while it failed are lost", "lost_lines", lost)
 	}
 
-	store, err := openStore(cfg.dataDir, cfg.maxStoreBytes)
+	// One store per resource; a second resource opens its own here.
+	entryStore, err := openStore(cfg, log, "addresses", storedRecord(ParseEntry))
 	if err != nil {
 		return err
 	}
-	defer store.Close()
-	if size, limit := store.Size(); limit > 0 && size > limit {
-		log.Warn("the stored entries are over -max-store-bytes; creates are refused until deletes make room", "bytes", size, "max_store_bytes", limit)
-	}
+	defer entryStore.Close()
 
 	// Listen before anything else can fail late: a port in use is reported now.
 	ln, err := net.Listen("tcp", cfg.addr)
@@ -292,11 +291,11 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	var ready atomic.Bool
 	ready.Store(true)
 	srv := &http.Server{
-		Handler: newHandler(log, NewService(store, log), handlerConfig{
+		Handler: newHandler(log, NewCollection[Entry](entryStore, log), handlerConfig{
 			maxBody:    cfg.maxBody,
 			bodies:     newBodyBudget(cfg.maxBodyMemory),
 			ready:      &ready,
-			storeReady: readiness(store),
+			storeReady: readiness(entryStore),
 		}),
 		ReadHeaderTimeout: cfg.timeouts.readHeader,
 		ReadTimeout:       cfg.timeouts.read,
@@ -326,7 +325,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		log.Warn("in-flight requests did not finish in time; closing their connections", "err", err)
 		srv.Close()
 	}
-	if err := store.Close(); err != nil {
+	if err := entryStore.Close(); err != nil {
 		return fmt.Errorf("closing the store: %w", err)
 	}
 	log.Info("stopped", "lost_log_lines", logs.lost.Load())
@@ -424,12 +423,27 @@ func gcPercentFor(live uint64) int {
 	return int(min(max(headroom*100/max(live, 1), 25), 100))
 }
 
-// openStore returns the store the configuration asks for.
-func openStore(dataDir string, maxBytes int64) (*MapStore, error) {
-	if dataDir == "" {
-		return NewMapStore(maxBytes), nil
+// openStore opens the store of one resource as the configuration asks: in
+// memory, or in a directory under -data, checking each file with load. The
+// address book keeps DIR itself, as it always has; any other resource gets
+// DIR/<resource>.
+func openStore(cfg config, log *slog.Logger, resource string, load func([]byte) (Record, error)) (Store, error) {
+	if cfg.dataDir == "" {
+		return NewMapStore(cfg.maxStoreBytes), nil
 	}
-	return OpenMapStore(dataDir, maxBytes, storedRecord(ParseEntry))
+	dir := cfg.dataDir
+	if resource != "addresses" {
+		dir = filepath.Join(dir, resource)
+	}
+	store, err := OpenMapStore(dir, cfg.maxStoreBytes, load)
+	if err != nil {
+		return nil, err
+	}
+	if size, limit := store.Size(); limit > 0 && size > limit {
+		log.Warn("the stored records are over -max-store-bytes; creates are refused until deletes make room",
+			"resource", resource, "bytes", size, "max_store_bytes", limit)
+	}
+	return store, nil
 }
 
 // newLogger returns a logger whose records carry the request id of the

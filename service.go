@@ -93,9 +93,9 @@ const (
 
 // The service's closed set of errors. The HTTP layer maps each to a status.
 var (
-	ErrNotFound           = errors.New("no address-book entry has this id")
-	ErrPreconditionFailed = errors.New("the entry has changed since the given ETag")
-	ErrStoreFull          = errors.New("the store has reached its size limit; delete entries to make room")
+	ErrNotFound           = errors.New("nothing is stored under this id")
+	ErrPreconditionFailed = errors.New("the stored version has changed since the ETag given in If-Match")
+	ErrStoreFull          = errors.New("the store has reached its size limit; delete something to make room")
 )
 
 // InvalidError says the client's input is unusable. Fields lists the fields
@@ -167,25 +167,28 @@ func (g *idGenerator) next() ID {
 
 // ---- operations -------------------------------------------------------------
 
-// Service holds the address book's operations.
-type Service struct {
+// Collection is the operations on one resource, kept in a Store of its own:
+// create, get, replace, delete and list, with ids, versions derived from the
+// content, and preconditions. The address book is a Collection[Entry]; a
+// second resource is a Collection of its own type and needs nothing new here.
+type Collection[T any] struct {
 	store Store
 	ids   idGenerator
 	log   *slog.Logger
 }
 
-// NewService returns a service that keeps its entries in store.
-func NewService(store Store, log *slog.Logger) *Service {
-	return &Service{store: store, log: log}
+// NewCollection returns the operations on the resources of type T kept in store.
+func NewCollection[T any](store Store, log *slog.Logger) *Collection[T] {
+	return &Collection[T]{store: store, log: log}
 }
 
-// NewRecord turns a valid entry into what the store keeps: its JSON, encoded
+// NewRecord turns a valid value into what a store keeps: its JSON, encoded
 // once here and served as is on every read, and a version derived from that
 // JSON, so equal content always has an equal ETag, also after a restart.
 func NewRecord(v any) (Record, error) {
 	data, err := json.Marshal(v)
 	if err != nil {
-		return Record{}, fmt.Errorf("encoding entry: %w", err)
+		return Record{}, fmt.Errorf("encoding a record: %w", err)
 	}
 	sum := sha256.Sum256(data)
 	return Record{JSON: data, Version: Version(sum[:16])}, nil
@@ -203,51 +206,51 @@ func storedRecord[T any](parse func([]byte) (T, error)) func([]byte) (Record, er
 	}
 }
 
-// Create stores a new entry and returns its id and stored form.
-func (s *Service) Create(ctx context.Context, e Entry) (ID, Record, error) {
-	rec, err := NewRecord(e)
+// Create stores v under a new id and returns the id and the stored form.
+func (c *Collection[T]) Create(ctx context.Context, v T) (ID, Record, error) {
+	rec, err := NewRecord(v)
 	if err != nil {
 		return ID{}, Record{}, err
 	}
-	id := s.ids.next()
-	if err := s.store.Insert(ctx, id, rec); err != nil {
+	id := c.ids.next()
+	if err := c.store.Insert(ctx, id, rec); err != nil {
 		return ID{}, Record{}, err
 	}
-	s.log.DebugContext(ctx, "entry created", "id", id.String())
+	c.log.DebugContext(ctx, "created", "id", id.String())
 	return id, rec, nil
 }
 
-// Get returns the stored form of one entry.
-func (s *Service) Get(ctx context.Context, id ID) (Record, error) {
-	return s.store.Get(ctx, id)
+// Get returns the stored form of the record under id.
+func (c *Collection[T]) Get(ctx context.Context, id ID) (Record, error) {
+	return c.store.Get(ctx, id)
 }
 
-// Replace swaps an entry for a new version when ifMatch allows it (see Store).
-func (s *Service) Replace(ctx context.Context, id ID, e Entry, ifMatch []string) (Record, error) {
-	rec, err := NewRecord(e)
+// Replace swaps the record under id for v when ifMatch allows it (see Store).
+func (c *Collection[T]) Replace(ctx context.Context, id ID, v T, ifMatch []string) (Record, error) {
+	rec, err := NewRecord(v)
 	if err != nil {
 		return Record{}, err
 	}
-	if err := s.store.Replace(ctx, id, rec, ifMatch); err != nil {
+	if err := c.store.Replace(ctx, id, rec, ifMatch); err != nil {
 		return Record{}, err
 	}
-	s.log.DebugContext(ctx, "entry replaced", "id", id.String())
+	c.log.DebugContext(ctx, "replaced", "id", id.String())
 	return rec, nil
 }
 
-// Delete removes an entry when ifMatch allows it (see Store).
-func (s *Service) Delete(ctx context.Context, id ID, ifMatch []string) error {
-	if err := s.store.Delete(ctx, id, ifMatch); err != nil {
+// Delete removes the record under id when ifMatch allows it (see Store).
+func (c *Collection[T]) Delete(ctx context.Context, id ID, ifMatch []string) error {
+	if err := c.store.Delete(ctx, id, ifMatch); err != nil {
 		return err
 	}
-	s.log.DebugContext(ctx, "entry deleted", "id", id.String())
+	c.log.DebugContext(ctx, "deleted", "id", id.String())
 	return nil
 }
 
-// Page is one page of the address book in id order.
+// Page is one page of a collection in id order.
 type Page struct {
 	Items []Item
-	More  bool // entries remain after the last item
+	More  bool // records remain after the last item
 }
 
 // Limits of a page.
@@ -256,13 +259,13 @@ const (
 	MaxPageSize     = 1000
 )
 
-// List returns up to limit entries whose ids come after after; the zero ID
+// List returns up to limit records whose ids come after after; the zero ID
 // starts at the beginning.
-func (s *Service) List(ctx context.Context, after ID, limit int) (Page, error) {
+func (c *Collection[T]) List(ctx context.Context, after ID, limit int) (Page, error) {
 	if limit < 1 || limit > MaxPageSize {
 		return Page{}, invalid("limit must be between 1 and %d", MaxPageSize)
 	}
-	items, more, err := s.store.List(ctx, after, limit)
+	items, more, err := c.store.List(ctx, after, limit)
 	return Page{Items: items, More: more}, err
 }
 

@@ -381,13 +381,13 @@ func TestRecordVersionFollowsContent(t *testing.T) {
 
 // ---- the store --------------------------------------------------------------
 
-func newTestService(t testing.TB) (*Service, *MapStore) {
+func newTestBook(t testing.TB) (*Collection[Entry], *MapStore) {
 	t.Helper()
 	store := NewMapStore(0)
-	return NewService(store, slog.New(slog.NewTextHandler(io.Discard, nil))), store
+	return NewCollection[Entry](store, slog.New(slog.NewTextHandler(io.Discard, nil))), store
 }
 
-func mustCreate(t testing.TB, svc *Service, name string) (ID, Record) {
+func mustCreate(t testing.TB, svc *Collection[Entry], name string) (ID, Record) {
 	t.Helper()
 	id, rec, err := svc.Create(context.Background(), Entry{FullName: name})
 	if err != nil {
@@ -396,9 +396,9 @@ func mustCreate(t testing.TB, svc *Service, name string) (ID, Record) {
 	return id, rec
 }
 
-func TestServiceOperations(t *testing.T) {
+func TestCollectionOperations(t *testing.T) {
 	ctx := context.Background()
-	svc, _ := newTestService(t)
+	svc, _ := newTestBook(t)
 	id, rec := mustCreate(t, svc, "Ada")
 
 	got, err := svc.Get(ctx, id)
@@ -433,9 +433,9 @@ func TestServiceOperations(t *testing.T) {
 	}
 }
 
-func TestServiceListPages(t *testing.T) {
+func TestCollectionListPages(t *testing.T) {
 	ctx := context.Background()
-	svc, _ := newTestService(t)
+	svc, _ := newTestBook(t)
 	var ids []ID
 	for i := range 25 {
 		id, _ := mustCreate(t, svc, fmt.Sprint("n", i))
@@ -524,7 +524,7 @@ func TestSortedItemsMatchesASortedSlice(t *testing.T) {
 
 func TestClosedStoreRefusesChanges(t *testing.T) {
 	ctx := context.Background()
-	svc, store := newTestService(t)
+	svc, store := newTestBook(t)
 	id, _ := mustCreate(t, svc, "Ada")
 	store.Close()
 	if _, _, err := svc.Create(ctx, Entry{FullName: "B"}); err == nil {
@@ -545,7 +545,7 @@ func TestClosedStoreRefusesChanges(t *testing.T) {
 // same version, exactly one replaces it; the rest see a failed precondition.
 func TestConcurrentConditionalReplaceHasOneWinner(t *testing.T) {
 	ctx := context.Background()
-	svc, _ := newTestService(t)
+	svc, _ := newTestBook(t)
 	id, rec := mustCreate(t, svc, "Ada")
 	const writers = 32
 	var wg sync.WaitGroup
@@ -577,7 +577,7 @@ func TestConcurrentConditionalReplaceHasOneWinner(t *testing.T) {
 // TestConcurrentUse mixes every operation under -race.
 func TestConcurrentUse(t *testing.T) {
 	ctx := context.Background()
-	svc, _ := newTestService(t)
+	svc, _ := newTestBook(t)
 	var wg sync.WaitGroup
 	for w := range 8 {
 		wg.Add(1)
@@ -1174,7 +1174,7 @@ func BenchmarkCreate(b *testing.B) {
 					}
 				}
 				defer store.Close()
-				svc := NewService(store, slog.New(slog.DiscardHandler))
+				svc := NewCollection[Entry](store, slog.New(slog.DiscardHandler))
 				ctx := context.Background()
 				create := func() {
 					if _, _, err := svc.Create(ctx, entry); err != nil {
