@@ -9,6 +9,7 @@
 #   ./check.sh test     go test -race with coverage; fails below the floor
 #   ./check.sh cover    coverage report as HTML in coverage.html
 #   ./check.sh e2e      builds the binary, drives it over HTTP, stops it with SIGTERM
+#   ./check.sh rename   the README's rename commands on a copy, then its tests
 #   ./check.sh bench    benchmarks with allocation counts, then the fraction of the
 #                       ceiling per workload (BENCHTIME=1s; ADDRSERVICE_BENCH_ENTRIES)
 #   ./check.sh fuzz     fuzzes the entry decoder (FUZZTIME=30s by default)
@@ -65,7 +66,7 @@ check_test() {
 	step "go test -race -cover (floor ${COVERAGE_FLOOR}%)"
 	local profile
 	profile=$(mktemp)
-	go test -race -count=1 -coverprofile="$profile" ./...
+	go test -race -count=1 -timeout=3m -coverprofile="$profile" ./...
 	local total
 	total=$(go tool cover -func="$profile" | awk '/^total:/ { sub("%", "", $3); print $3 }')
 	rm -f "$profile"
@@ -78,7 +79,7 @@ check_test() {
 
 check_cover() {
 	step "coverage report"
-	go test -count=1 -coverprofile=coverage.out ./...
+	go test -count=1 -timeout=3m -coverprofile=coverage.out ./...
 	go tool cover -html=coverage.out -o coverage.html
 	go tool cover -func=coverage.out | tail -n 1
 	echo "wrote coverage.html"
@@ -243,6 +244,30 @@ check_e2e() {
 	echo "ok"
 }
 
+# check_rename runs the README's rename commands on a copy of the
+# repository, then checks that no old spelling is left and that the renamed
+# service builds, names itself and passes its tests.
+check_rename() {
+	step "rename: the README's commands on a copy"
+	local copy block
+	copy=$(mktemp -d)
+	trap 'rm -rf "$copy"; trap - RETURN' RETURN
+	tar --exclude=.git -cf - . | tar -xf - -C "$copy"
+	block=$(sed -n '/<!-- rename:begin -->/,/<!-- rename:end -->/p' README.md | sed '/^<!--/d; /^```/d')
+	[[ -n $block ]] || { echo "README.md has no rename block"; return 1; }
+	(cd "$copy" && eval "$block") || { echo "the rename commands failed"; return 1; }
+	if grep -rnI -i 'addrservice' "$copy"; then echo "old spellings are left (above)"; return 1; fi
+	(
+		cd "$copy"
+		go vet . && go build -o yourservice-bin .
+		./yourservice-bin -h 2>&1 | grep -q 'YOURSERVICE_MAX_BODY' || { echo "-h does not name YOURSERVICE_ variables"; exit 1; }
+		status=0; ./yourservice-bin -max-body lots 2>err || status=$?
+		[[ $status == 2 ]] && grep -q '^yourservice: ' err || { echo "a bad flag: status $status, $(cat err)"; exit 1; }
+		go test -count=1 -short -timeout=2m . >test.out 2>&1 || { tail -n 30 test.out; exit 1; }
+	) || return 1
+	echo "ok"
+}
+
 # check_load drives the built binary and a ceiling server (a bare net/http
 # handler writing the same bytes, from the test binary) with wrk, the server
 # on one core with GOMAXPROCS=1 and wrk on the other, and prints req/s, p99
@@ -330,11 +355,12 @@ all)
 	check_test
 	check_bench_smoke
 	check_e2e
+	check_rename
 	step "all checks passed"
 	;;
-fmt | vet | lint | test | cover | bench | fuzz | e2e | load) "check_$1" ;;
+fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|bench|fuzz|load]" >&2
+	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac

@@ -912,14 +912,23 @@ func TestRunRejectsBadConfiguration(t *testing.T) {
 		{"bad level variable", nil, map[string]string{"ADDRSERVICE_LOG_LEVEL": "loud"}, "ADDRSERVICE_LOG_LEVEL"},
 		{"bad timeout variable", nil, map[string]string{"ADDRSERVICE_SHUTDOWN_TIMEOUT": "1"}, "ADDRSERVICE_SHUTDOWN_TIMEOUT"},
 		{"bad addr variable", nil, map[string]string{"ADDRSERVICE_ADDR": "nowhere"}, "-addr"},
+		{"max-body-memory not above max-body", []string{"-max-body", "2MiB", "-max-body-memory", "1MiB"}, nil, "-max-body-memory"},
+		{"max-store-bytes zero", []string{"-max-store-bytes", "0"}, nil, "-max-store-bytes"},
+		{"max-conns zero", []string{"-max-conns", "0"}, nil, "-max-conns"},
+		{"a size with a unit it does not know", []string{"-max-body", "1MB"}, nil, "-max-body"},
+		{"bad size variable", nil, map[string]string{"ADDRSERVICE_MAX_STORE_BYTES": "1TiB"}, "ADDRSERVICE_MAX_STORE_BYTES"},
 	}
+	// Cancelled before the start: a configuration that is wrongly accepted
+	// makes run return at once instead of serving for ever.
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var logs, stderr bytes.Buffer
-			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, &logs, &stderr)
+			err := run(cancelled, tt.args, func(k string) string { return tt.env[k] }, &logs, &stderr)
 			var usage *usageError
 			if !errors.As(err, &usage) {
-				t.Fatalf("run = %v, want a usage error (exit status 2)", err)
+				t.Fatalf("run = %v, want a usage error (exit status 2); the configuration was accepted", err)
 			}
 			if msg := err.Error(); !strings.Contains(msg, tt.want) || strings.Contains(msg, "\n") {
 				t.Errorf("error %q: want one line naming %s", msg, tt.want)
@@ -981,7 +990,9 @@ func TestRunFailsWhenThePortIsTaken(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	err = run(context.Background(), []string{"-addr", ln.Addr().String()}, func(string) string { return "" }, io.Discard, io.Discard)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // if it serves after all, it stops
+	defer cancel()
+	err = run(ctx, []string{"-addr", ln.Addr().String()}, func(string) string { return "" }, io.Discard, io.Discard)
 	var usage *usageError
 	if err == nil || errors.As(err, &usage) {
 		t.Fatalf("run on a taken port = %v, want a start error (exit status 1)", err)
