@@ -96,7 +96,7 @@ func createItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg hand
 		}
 		h := w.Header()
 		h["Location"] = []string{strings.TrimSuffix(r.URL.Path, "/") + "/" + id.String()}
-		h["Etag"] = []string{etag(rec.Version)}
+		h["ETag"] = []string{etag(rec.Version)}
 		writeBody(w, r, http.StatusCreated, jsonType, rec.JSON)
 		return nil
 	}
@@ -113,7 +113,7 @@ func getItem[T any](c *Collection[T]) apiFunc {
 			return err
 		}
 		tag := etag(rec.Version)
-		w.Header()["Etag"] = []string{tag}
+		w.Header()["ETag"] = []string{tag}
 		if inm := r.Header.Values("If-None-Match"); inm != nil && noneMatch(inm, rec.Version) {
 			w.Header()["Vary"] = varyEncoding
 			w.WriteHeader(http.StatusNotModified)
@@ -138,7 +138,7 @@ func replaceItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg han
 		if err != nil {
 			return err
 		}
-		w.Header()["Etag"] = []string{etag(rec.Version)}
+		w.Header()["ETag"] = []string{etag(rec.Version)}
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
@@ -441,6 +441,9 @@ func entityTags(values []string) []string {
 
 // ---- writing responses ------------------------------------------------------------
 
+// Response headers are set by map key, not Header().Set, so that they go on
+// the wire spelled as RFC 9110 and the README spell them (ETag,
+// X-Request-ID) rather than as Go canonicalizes them (Etag, X-Request-Id).
 // Header values shared by every response that uses them; never modified.
 var (
 	jsonType     = []string{"application/json"}
@@ -585,7 +588,7 @@ func withRequestID(next http.Handler) http.Handler {
 		if !validRequestID(id) {
 			id = newRequestID()
 		}
-		w.Header()["X-Request-Id"] = []string{id}
+		w.Header()["X-Request-ID"] = []string{id}
 		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestIDKey{}, id)))
 	})
 }

@@ -779,6 +779,25 @@ func TestBodyMemoryBudget(t *testing.T) {
 	s.create(t, body)
 }
 
+// TestHeaderNamesOnTheWire: ETag and X-Request-ID go out spelled as the
+// README and RFC 9110 spell them, not as Go canonicalizes them.
+func TestHeaderNamesOnTheWire(t *testing.T) {
+	s := newTestServer(t)
+	conn := s.dial(t, "POST /addresses HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"+
+		fmt.Sprintf("Content-Length: %d\r\n\r\n", len(validEntry)), validEntry)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	raw, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	head, _, _ := strings.Cut(string(raw), "\r\n\r\n")
+	for _, name := range []string{"ETag", "X-Request-ID", "Location", "Content-Type"} {
+		if !strings.Contains(head, "\r\n"+name+": ") {
+			t.Errorf("no %q header line in\n%s", name, head)
+		}
+	}
+}
+
 // ---- the program: run() in process -------------------------------------------
 
 // program is run() started in this process on a free port.
@@ -1797,7 +1816,7 @@ func ceilingFor(b *testing.B, h http.Handler, reqs ...*http.Request) http.Handle
 		for k, v := range c.header {
 			w.Header()[k] = v
 		}
-		w.Header()["X-Request-Id"] = []string{strconv.FormatUint(n.Add(1), 16)}
+		w.Header()["X-Request-ID"] = []string{strconv.FormatUint(n.Add(1), 16)}
 		w.WriteHeader(c.status)
 		w.Write(c.body)
 	})
@@ -2022,7 +2041,7 @@ func TestCeilingServer(t *testing.T) {
 		for k, v := range c.header {
 			w.Header()[k] = v
 		}
-		w.Header()["X-Request-Id"] = []string{strconv.FormatUint(n.Add(1), 16)}
+		w.Header()["X-Request-ID"] = []string{strconv.FormatUint(n.Add(1), 16)}
 		w.WriteHeader(c.status)
 		w.Write(c.body)
 	})
