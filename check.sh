@@ -325,7 +325,7 @@ check_load() {
 		caddr=$(wait_for "$tmp/ceiling.log" 's/^ceiling addr=//p') || { echo "the ceiling did not start"; cat "$tmp/ceiling.log"; return 1; }
 
 		printf '%-8s %4s %12s %10s %12s %10s %7s\n' workload run service p99 ceiling p99 ratio
-		for workload in get list mixed post; do
+		for workload in ${LOAD_WORKLOADS:-get list listgz mixed post}; do
 			for run in $(seq "$runs"); do
 				local line="" ratio_in=()
 				for target in service ceiling; do

@@ -2009,10 +2009,13 @@ func TestCeilingServer(t *testing.T) {
 		header http.Header
 		body   []byte
 	}
-	fetch := func(method, path string, body []byte) canned {
+	fetch := func(method, path string, body []byte, header ...string) canned {
 		req, _ := http.NewRequest(method, from+path, bytes.NewReader(body))
 		if body != nil {
 			req.Header.Set("Content-Type", "application/json")
+		}
+		for i := 0; i+1 < len(header); i += 2 {
+			req.Header.Set(header[i], header[i+1])
 		}
 		res, err := noDecompression.Do(req)
 		if err != nil {
@@ -2021,10 +2024,12 @@ func TestCeilingServer(t *testing.T) {
 		b, _ := io.ReadAll(res.Body)
 		res.Body.Close()
 		res.Header.Del("Date")
+		res.Header.Del("X-Request-Id") // the ceiling makes its own, as the service does
 		return canned{res.StatusCode, res.Header, b}
 	}
 	get := fetch("GET", "/addresses/"+id, nil)
 	list := fetch("GET", "/addresses?limit=100", nil)
+	listgz := fetch("GET", "/addresses?limit=100", nil, "Accept-Encoding", "gzip")
 	put := fetch("PUT", "/addresses/"+id, entry)
 	post := fetch("POST", "/addresses", entry)
 	var n atomic.Uint64
@@ -2035,6 +2040,8 @@ func TestCeilingServer(t *testing.T) {
 			c = post
 		case r.Method == "PUT":
 			c = put
+		case r.URL.RawQuery != "" && r.Header.Get("Accept-Encoding") != "":
+			c = listgz
 		case r.URL.RawQuery != "":
 			c = list
 		}
