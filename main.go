@@ -267,12 +267,14 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		log.Warn("log output works again; lines written while it failed are lost", "lost_lines", lost)
 	}
 
-	// One store per resource; a second resource opens its own here.
+	// One store per resource: a second resource opens its own here, and
+	// adds it to stores so that readiness and shutdown see it.
 	entryStore, err := openStore(cfg, log, "addresses", storedRecord(ParseEntry))
 	if err != nil {
 		return err
 	}
-	defer entryStore.Close()
+	stores := []Store{entryStore}
+	defer closeStores(stores) // for an early return; a second Close is harmless
 
 	// Listen before anything else can fail late: a port in use is reported now.
 	ln, err := net.Listen("tcp", cfg.addr)
@@ -295,7 +297,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 			maxBody:    cfg.maxBody,
 			bodies:     newBodyBudget(cfg.maxBodyMemory),
 			ready:      &ready,
-			storeReady: readiness(entryStore),
+			storeReady: readiness(stores...),
 		}),
 		ReadHeaderTimeout: cfg.timeouts.readHeader,
 		ReadTimeout:       cfg.timeouts.read,
@@ -325,11 +327,20 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		log.Warn("in-flight requests did not finish in time; closing their connections", "err", err)
 		srv.Close()
 	}
-	if err := entryStore.Close(); err != nil {
+	if err := closeStores(stores); err != nil {
 		return fmt.Errorf("closing the store: %w", err)
 	}
 	log.Info("stopped", "lost_log_lines", logs.lost.Load())
 	return nil
+}
+
+// closeStores closes every store, reporting every failure.
+func closeStores(stores []Store) error {
+	var errs []error
+	for _, s := range stores {
+		errs = append(errs, s.Close())
+	}
+	return errors.Join(errs...)
 }
 
 // connectionLimit lowers want, if it must, to leave descriptorReserve file

@@ -64,18 +64,25 @@ type Store interface {
 	// List returns up to limit items with ids after after, in id order, and
 	// whether more remain.
 	List(ctx context.Context, after ID, limit int) (items []Item, more bool, err error)
+	// Close waits for changes under way and releases what the store holds;
+	// closing again does nothing.
 	Close() error
 }
 
-// readiness returns the store's Ready method when it has one. Ready is
-// optional, outside Store: a store that can tell when it cannot take writes
-// (MapStore on a directory, a database that does not answer) says so with
-// Ready(ctx) error, and /readyz reports it.
-func readiness(s Store) func(context.Context) error {
-	if r, ok := s.(interface{ Ready(context.Context) error }); ok {
-		return r.Ready
+// readiness returns a check of every store that has a Ready method. Ready
+// is optional, outside Store: a store that can tell when it cannot take
+// writes (MapStore on a directory, a database that does not answer) says so
+// with Ready(ctx) error, and /readyz reports it.
+func readiness(stores ...Store) func(context.Context) error {
+	return func(ctx context.Context) error {
+		var errs []error
+		for _, s := range stores {
+			if r, ok := s.(interface{ Ready(context.Context) error }); ok {
+				errs = append(errs, r.Ready(ctx))
+			}
+		}
+		return errors.Join(errs...)
 	}
-	return func(context.Context) error { return nil }
 }
 
 func versionMatches(version Version, ifMatch []string) bool {
