@@ -8,6 +8,7 @@ import (
 	"compress/gzip"
 	"context"
 	"crypto/rand"
+	_ "embed"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -40,8 +41,9 @@ func newHandler(log *slog.Logger, svc *Service, cfg handlerConfig) http.Handler 
 	return withMiddleware(log, mux)
 }
 
-// addRoutes is the whole API in one table.
-func addRoutes(mux *http.ServeMux, log *slog.Logger, svc *Service, cfg handlerConfig) {
+// addRoutes is the whole API in one table; openapi.json describes it. mux is
+// an *http.ServeMux, or in a test anything that records the patterns.
+func addRoutes(mux interface{ Handle(string, http.Handler) }, log *slog.Logger, svc *Service, cfg handlerConfig) {
 	mux.Handle("POST /addresses", handle(log, createEntry(svc, cfg.maxBody)))
 	mux.Handle("GET /addresses", handle(log, listEntries(svc)))
 	mux.Handle("POST /addresses/{$}", handle(log, createEntry(svc, cfg.maxBody)))
@@ -51,6 +53,7 @@ func addRoutes(mux *http.ServeMux, log *slog.Logger, svc *Service, cfg handlerCo
 	mux.Handle("DELETE /addresses/{id}", handle(log, deleteEntry(svc)))
 	mux.Handle("GET /healthz", handle(log, healthz()))
 	mux.Handle("GET /readyz", handle(log, readyz(cfg.ready)))
+	mux.Handle("GET /openapi.json", handle(log, openAPI()))
 }
 
 // withMiddleware wraps the mux in what every request passes through,
@@ -199,6 +202,18 @@ func readyz(ready *atomic.Bool) apiFunc {
 			return &httpError{http.StatusServiceUnavailable, "the server is shutting down"}
 		}
 		writeBody(w, r, http.StatusOK, jsonType, body)
+		return nil
+	}
+}
+
+// openAPIDoc is the API's contract, served as it is in the repository.
+//
+//go:embed openapi.json
+var openAPIDoc []byte
+
+func openAPI() apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		writeBody(w, r, http.StatusOK, jsonType, openAPIDoc)
 		return nil
 	}
 }

@@ -1451,6 +1451,44 @@ func checkAfterCrash(t *testing.T, round int, base string, writers []*crashWrite
 	}
 }
 
+// ---- the contract: openapi.json ---------------------------------------------------
+
+// TestOpenAPIIsServed: GET /openapi.json answers with the file in the
+// repository, byte for byte, gzip-encoded for a client that accepts it.
+func TestOpenAPIIsServed(t *testing.T) {
+	file, err := os.ReadFile("openapi.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		OpenAPI string `json:"openapi"`
+	}
+	if err := json.Unmarshal(file, &doc); err != nil || doc.OpenAPI != "3.1.0" {
+		t.Fatalf("openapi.json: openapi %q, error %v; want valid JSON with openapi 3.1.0", doc.OpenAPI, err)
+	}
+	s := newTestServer(t)
+	for _, acceptEncoding := range []string{"", "gzip"} {
+		res := s.do(t, request{method: "GET", path: "/openapi.json", header: map[string]string{"Accept-Encoding": acceptEncoding}})
+		body := res.body
+		if acceptEncoding == "gzip" {
+			if res.header.Get("Content-Encoding") != "gzip" {
+				t.Fatalf("Accept-Encoding gzip: Content-Encoding %q", res.header.Get("Content-Encoding"))
+			}
+			zr, err := gzip.NewReader(bytes.NewReader(res.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if body, err = io.ReadAll(zr); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if res.status != http.StatusOK || res.header.Get("Content-Type") != "application/json" || !bytes.Equal(body, file) {
+			t.Errorf("Accept-Encoding %q: status %d, Content-Type %q, %d bytes; want 200, application/json and the %d bytes of openapi.json",
+				acceptEncoding, res.status, res.header.Get("Content-Type"), len(body), len(file))
+		}
+	}
+}
+
 // ---- performance: the service beside the net/http ceiling ---------------------------
 
 // The HTTP benchmarks drive a real server over loopback keep-alive
