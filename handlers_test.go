@@ -1797,6 +1797,11 @@ func TestOpenAPILimitsAreTheDecoders(t *testing.T) {
 		}
 	}
 	isID := func(v string) bool { _, ok := ParseID(v); return ok }
+	isText := func(v string) bool { // as an address's building_name
+		b, _ := json.Marshal(v)
+		_, err := ParseEntry([]byte(`{"full_name":"A","addresses":[{"kind":"home","building_name":` + string(b) + `,"street_name":"s","pincode":1,"country":"c"}]}`))
+		return err == nil
+	}
 	ids := []string{"0123456789abcdef0123456789abcdef", "0123456789ABCDEF0123456789ABCDEF", "0123456789abcdef0123456789abcde",
 		"0123456789abcdef0123456789abcdef0", "0123456789abcdeg0123456789abcdef", "..%2F..%2Fetc", ""}
 	patterns := []struct {
@@ -1809,7 +1814,7 @@ func TestOpenAPILimitsAreTheDecoders(t *testing.T) {
 		{"the id parameter", spec.at(params, "Id", "schema", "pattern"), ids, isID},
 		{"the after parameter", spec.at(params, "After", "schema", "pattern"), ids, isID},
 		{"Text", spec.at(schemas, "Text", "pattern"), []string{"Zoë 山田", "", "a\tb", "a\nb", "\x00", "\x7f", "\u0085", "\u009f", "\u00a0", "a\u200bb"},
-			func(v string) bool { return checkText(v, false) == "" }},
+			isText},
 	}
 	for _, p := range patterns {
 		re, err := regexp.Compile(spec.text(p.pattern))
