@@ -8,6 +8,7 @@ import (
 	"compress/gzip"
 	"context"
 	"crypto/rand"
+	_ "embed"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -41,9 +42,11 @@ func newHandler(log *slog.Logger, book *Collection[Entry], cfg handlerConfig) ht
 	return withMiddleware(log, mux)
 }
 
-// addRoutes is the whole API in one table. Each resource has the same seven
-// lines, with its collection and its parse function.
-func addRoutes(mux *http.ServeMux, log *slog.Logger, book *Collection[Entry], cfg handlerConfig) {
+// addRoutes is the whole API in one table; openapi.json describes it. Each
+// resource has the same seven lines, with its collection and its parse
+// function. mux is an *http.ServeMux, or in a test anything that records the
+// patterns.
+func addRoutes(mux interface{ Handle(string, http.Handler) }, log *slog.Logger, book *Collection[Entry], cfg handlerConfig) {
 	mux.Handle("POST /addresses", handle(log, createItem(book, ParseEntry, cfg)))
 	mux.Handle("GET /addresses", handle(log, listItems(book)))
 	mux.Handle("POST /addresses/{$}", handle(log, createItem(book, ParseEntry, cfg)))
@@ -53,6 +56,7 @@ func addRoutes(mux *http.ServeMux, log *slog.Logger, book *Collection[Entry], cf
 	mux.Handle("DELETE /addresses/{id}", handle(log, deleteItem(book)))
 	mux.Handle("GET /healthz", handle(log, healthz()))
 	mux.Handle("GET /readyz", handle(log, readyz(cfg)))
+	mux.Handle("GET /openapi.json", handle(log, openAPI()))
 }
 
 // withMiddleware wraps the mux in what every request passes through,
@@ -211,6 +215,18 @@ func readyz(cfg handlerConfig) apiFunc {
 			return &httpError{status: http.StatusServiceUnavailable, detail: "the store cannot take writes: " + err.Error()}
 		}
 		writeBody(w, r, http.StatusOK, jsonType, body)
+		return nil
+	}
+}
+
+// openAPIDoc is the API's contract, served as it is in the repository.
+//
+//go:embed openapi.json
+var openAPIDoc []byte
+
+func openAPI() apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		writeBody(w, r, http.StatusOK, jsonType, openAPIDoc)
 		return nil
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -18,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -1702,6 +1704,674 @@ func checkAfterCrash(t *testing.T, round int, base string, writers []*crashWrite
 	}
 	for _, w := range writers {
 		w.pendingCreate = nil
+	}
+}
+
+// ---- the contract: openapi.json ---------------------------------------------------
+
+// TestOpenAPIIsServed: GET /openapi.json answers with the file in the
+// repository, byte for byte, gzip-encoded for a client that accepts it.
+func TestOpenAPIIsServed(t *testing.T) {
+	file, err := os.ReadFile("openapi.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		OpenAPI string `json:"openapi"`
+	}
+	if err := json.Unmarshal(file, &doc); err != nil || doc.OpenAPI != "3.1.0" {
+		t.Fatalf("openapi.json: openapi %q, error %v; want valid JSON with openapi 3.1.0", doc.OpenAPI, err)
+	}
+	s := newTestServer(t)
+	for _, acceptEncoding := range []string{"", "gzip"} {
+		res := s.do(t, request{method: "GET", path: "/openapi.json", header: map[string]string{"Accept-Encoding": acceptEncoding}})
+		body := res.body
+		if acceptEncoding == "gzip" {
+			if res.header.Get("Content-Encoding") != "gzip" {
+				t.Fatalf("Accept-Encoding gzip: Content-Encoding %q", res.header.Get("Content-Encoding"))
+			}
+			zr, err := gzip.NewReader(bytes.NewReader(res.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if body, err = io.ReadAll(zr); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if res.status != http.StatusOK || res.header.Get("Content-Type") != "application/json" || !bytes.Equal(body, file) {
+			t.Errorf("Accept-Encoding %q: status %d, Content-Type %q, %d bytes; want 200, application/json and the %d bytes of openapi.json",
+				acceptEncoding, res.status, res.header.Get("Content-Type"), len(body), len(file))
+		}
+	}
+}
+
+// apiSpec is openapi.json kept as raw JSON, so that examples keep their
+// bytes and key order. Its methods follow $ref within the document.
+type apiSpec struct {
+	t       *testing.T
+	doc     json.RawMessage
+	objects map[rawSpan]map[string]json.RawMessage // each object parsed once
+}
+
+// rawSpan identifies a part of the document by where it is.
+type rawSpan struct {
+	start *byte
+	len   int
+}
+
+func readSpec(t *testing.T) apiSpec {
+	t.Helper()
+	b, err := os.ReadFile("openapi.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !json.Valid(b) {
+		t.Fatal("openapi.json is not valid JSON")
+	}
+	return apiSpec{t, b, map[rawSpan]map[string]json.RawMessage{}}
+}
+
+// members returns node's members: nil when node is absent or not an object.
+func (s apiSpec) members(node json.RawMessage) map[string]json.RawMessage {
+	if len(node) == 0 {
+		return nil
+	}
+	span := rawSpan{&node[0], len(node)}
+	m, ok := s.objects[span]
+	if !ok {
+		json.Unmarshal(node, &m)
+		s.objects[span] = m
+	}
+	return m
+}
+
+// text and number read a string and an integer: "" and -1 when absent.
+func (s apiSpec) text(node json.RawMessage) string {
+	var v string
+	json.Unmarshal(node, &v)
+	return v
+}
+
+func (s apiSpec) number(node json.RawMessage) int64 {
+	v := int64(-1)
+	json.Unmarshal(node, &v)
+	return v
+}
+
+// resolve returns what a "#/..." $ref points at, one step.
+func (s apiSpec) resolve(ref string) json.RawMessage {
+	s.t.Helper()
+	target, ok := strings.CutPrefix(ref, "#/")
+	if !ok {
+		s.t.Fatalf("$ref %q points outside openapi.json", ref)
+	}
+	node := s.doc
+	for _, k := range strings.Split(target, "/") {
+		if node, ok = s.members(node)[strings.NewReplacer("~1", "/", "~0", "~").Replace(k)]; !ok {
+			s.t.Fatalf("$ref %q points at nothing", ref)
+		}
+	}
+	return node
+}
+
+// deref follows node's $ref to the end, or returns node when it has none.
+func (s apiSpec) deref(node json.RawMessage) json.RawMessage {
+	s.t.Helper()
+	for range 8 {
+		ref := s.text(s.members(node)["$ref"])
+		if ref == "" {
+			return node
+		}
+		node = s.resolve(ref)
+	}
+	s.t.Fatal("openapi.json: a $ref chain of more than 8 steps")
+	return nil
+}
+
+// at returns the value at keys below node, following $ref on the way and
+// at the end; nil when there is none.
+func (s apiSpec) at(node json.RawMessage, keys ...string) json.RawMessage {
+	node = s.deref(node)
+	for _, k := range keys {
+		node = s.deref(s.members(node)[k])
+	}
+	return node
+}
+
+// operations calls fn for every operation, as "GET /addresses/{id}", with
+// the parameters its path item declares for all its operations.
+func (s apiSpec) operations(fn func(route string, op, pathParams json.RawMessage)) {
+	paths := s.members(s.at(s.doc, "paths"))
+	for _, path := range slices.Sorted(maps.Keys(paths)) {
+		item := s.members(s.deref(paths[path]))
+		for _, method := range []string{"get", "put", "post", "delete", "options", "head", "patch", "trace"} {
+			if op, ok := item[method]; ok {
+				fn(strings.ToUpper(method)+" "+path, s.deref(op), item["parameters"])
+			}
+		}
+	}
+}
+
+// examples returns the examples of a media type, compacted, by name.
+func (s apiSpec) examples(media json.RawMessage) map[string][]byte {
+	s.t.Helper()
+	out := map[string][]byte{}
+	add := func(name string, v json.RawMessage) {
+		var b bytes.Buffer
+		if err := json.Compact(&b, v); err != nil {
+			s.t.Fatalf("openapi.json example %s: %v", name, err)
+		}
+		out[name] = b.Bytes()
+	}
+	if v := s.members(media)["example"]; v != nil {
+		add("example", v)
+	}
+	for name, ex := range s.members(s.at(media, "examples")) {
+		add(name, s.at(ex, "value"))
+	}
+	return out
+}
+
+// muxResponses are the mux's own answers, for a path the route table does
+// not have or a method a path does not take, with their statuses.
+var muxResponses = map[string]int{"UnknownPath": http.StatusNotFound, "MethodNotAllowed": http.StatusMethodNotAllowed}
+
+// routeRecorder keeps the patterns addRoutes registers.
+type routeRecorder []string
+
+func (r *routeRecorder) Handle(pattern string, _ http.Handler) { *r = append(*r, pattern) }
+
+// TestOpenAPIPathsAreTheRoutes: openapi.json documents exactly the routes
+// addRoutes registers. A {$} pattern matches only the path that ends in its
+// slash, which is how openapi.json lists it.
+func TestOpenAPIPathsAreTheRoutes(t *testing.T) {
+	var routes routeRecorder
+	addRoutes(&routes, nil, nil, handlerConfig{}) // the handlers are made, never called
+	registered := map[string]bool{}
+	for _, pattern := range routes {
+		method, path, ok := strings.Cut(pattern, " ")
+		if !ok || !strings.HasPrefix(path, "/") {
+			t.Errorf("pattern %q: give each route one method and a path, so that it is one operation", pattern)
+			continue
+		}
+		registered[method+" "+strings.TrimSuffix(path, "{$}")] = true
+	}
+	spec := readSpec(t)
+	documented := map[string]bool{}
+	spec.operations(func(route string, op, pathParams json.RawMessage) {
+		documented[route] = true
+		// Each {name} in the path is a path parameter, and each path parameter is in the path.
+		_, path, _ := strings.Cut(route, " ")
+		var inPath, declared []string
+		for _, m := range regexp.MustCompile(`\{([^}]*)\}`).FindAllStringSubmatch(path, -1) {
+			inPath = append(inPath, m[1])
+		}
+		var params, own []json.RawMessage
+		json.Unmarshal(pathParams, &params)
+		json.Unmarshal(spec.members(op)["parameters"], &own)
+		for _, p := range append(params, own...) {
+			if spec.text(spec.at(p, "in")) == "path" {
+				declared = append(declared, spec.text(spec.at(p, "name")))
+			}
+		}
+		if !slices.Equal(slices.Sorted(slices.Values(inPath)), slices.Sorted(slices.Values(declared))) {
+			t.Errorf("openapi.json %s: path parameters %v, want %v", route, declared, inPath)
+		}
+	})
+	for _, route := range slices.Sorted(maps.Keys(registered)) {
+		if !documented[route] {
+			t.Errorf("addRoutes registers %s, which openapi.json does not document", route)
+		}
+	}
+	for _, route := range slices.Sorted(maps.Keys(documented)) {
+		if !registered[route] {
+			t.Errorf("openapi.json documents %s, which addRoutes does not register", route)
+		}
+	}
+}
+
+// TestOpenAPILimitsAreTheDecoders: the schema's limits are the Go constants,
+// its fields the model's, and its required fields, enum and patterns what
+// the decoder and ParseID enforce.
+func TestOpenAPILimitsAreTheDecoders(t *testing.T) {
+	spec := readSpec(t)
+	schemas := spec.at(spec.doc, "components", "schemas")
+	params := spec.at(spec.doc, "components", "parameters")
+	limits := []struct {
+		name string
+		got  json.RawMessage
+		want int
+	}{
+		{"Text maxLength", spec.at(schemas, "Text", "maxLength"), maxTextLength},
+		{"Phone.country_code minimum", spec.at(schemas, "Phone", "properties", "country_code", "minimum"), 1},
+		{"Phone.country_code maximum", spec.at(schemas, "Phone", "properties", "country_code", "maximum"), maxCountry},
+		{"limit minimum", spec.at(params, "Limit", "schema", "minimum"), 1},
+		{"limit maximum", spec.at(params, "Limit", "schema", "maximum"), MaxPageSize},
+		{"limit default", spec.at(params, "Limit", "schema", "default"), DefaultPageSize},
+		{"Problem.errors maxItems", spec.at(schemas, "Problem", "properties", "errors", "maxItems"), maxFieldErrors},
+	}
+	for _, l := range limits {
+		if got := spec.number(l.got); got != int64(l.want) {
+			t.Errorf("openapi.json %s is %d, want %d", l.name, got, l.want)
+		}
+	}
+
+	// Every schema within Entry: strings and lists limited, integers
+	// positive int64s, objects closed, with the fields of the model.
+	models := map[string]reflect.Type{"Entry": reflect.TypeFor[Entry](), "Address": reflect.TypeFor[Address](),
+		"Phone": reflect.TypeFor[Phone](), "Email": reflect.TypeFor[Email]()}
+	var walk func(at string, schema json.RawMessage)
+	walk = func(at string, schema json.RawMessage) {
+		m := spec.members(schema)
+		if ref := spec.text(m["$ref"]); ref != "" { // and its own keywords beside it, below
+			walk(strings.TrimPrefix(ref, "#/components/schemas/"), spec.resolve(ref))
+		}
+		switch spec.text(m["type"]) {
+		case "string":
+			if got := spec.number(m["maxLength"]); got != maxTextLength && m["enum"] == nil {
+				t.Errorf("openapi.json %s: maxLength %d, want %d", at, got, maxTextLength)
+			}
+		case "array":
+			if got := spec.number(m["maxItems"]); got != maxListItems {
+				t.Errorf("openapi.json %s: maxItems %d, want %d", at, got, maxListItems)
+			}
+			walk(at+"[]", m["items"])
+		case "integer":
+			if spec.number(m["minimum"]) != 1 || spec.text(m["format"]) != "int64" {
+				t.Errorf("openapi.json %s: want minimum 1 and format int64, a positive integer", at)
+			}
+		case "object":
+			if string(m["additionalProperties"]) != "false" {
+				t.Errorf("openapi.json %s: additionalProperties %s, want false: unknown fields are refused", at, m["additionalProperties"])
+			}
+			properties := spec.members(m["properties"])
+			if model, ok := models[at]; ok {
+				var fields []string
+				for i := range model.NumField() {
+					name, _, _ := strings.Cut(model.Field(i).Tag.Get("json"), ",")
+					fields = append(fields, name)
+				}
+				if got := slices.Sorted(maps.Keys(properties)); !slices.Equal(got, slices.Sorted(slices.Values(fields))) {
+					t.Errorf("openapi.json %s: properties %v, want the fields of %s: %v", at, got, model.Name(), fields)
+				}
+			}
+			for name, p := range properties {
+				walk(at+"."+name, p)
+			}
+		}
+		var oneOf []json.RawMessage
+		json.Unmarshal(m["oneOf"], &oneOf)
+		for i, sub := range oneOf {
+			walk(fmt.Sprintf("%s.oneOf[%d]", at, i), sub)
+		}
+	}
+	walk("Entry", spec.at(schemas, "Entry"))
+
+	// Required fields: what the decoder says "is required" of an empty
+	// object at the top and as the item of each list.
+	entry := spec.at(schemas, "Entry")
+	lists := map[string]json.RawMessage{}
+	var empty []string
+	for name, p := range spec.members(spec.at(entry, "properties")) {
+		if spec.text(spec.at(p, "type")) == "array" {
+			lists[name] = spec.at(p, "items")
+			empty = append(empty, fmt.Sprintf("%q:[{}]", name))
+		}
+	}
+	_, err := ParseEntry([]byte("{" + strings.Join(empty, ",") + "}"))
+	var invalid *InvalidError
+	if !errors.As(err, &invalid) {
+		t.Fatalf("ParseEntry of empty objects: %v, want an InvalidError", err)
+	}
+	decoderRequires := map[string][]string{} // by list; "" is the top level
+	for _, fe := range invalid.Fields {
+		if fe.Message == "is required" {
+			list, field, inList := strings.Cut(fe.Field, "[0].")
+			if !inList {
+				list, field = "", fe.Field
+			}
+			decoderRequires[list] = append(decoderRequires[list], field)
+		}
+	}
+	lists[""] = entry
+	for list, schema := range lists {
+		var required []string
+		json.Unmarshal(spec.members(schema)["required"], &required)
+		if got, want := slices.Sorted(slices.Values(required)), slices.Sorted(slices.Values(decoderRequires[list])); !slices.Equal(got, want) {
+			t.Errorf("openapi.json Entry %q: required %v, the decoder requires %v", list, got, want)
+		}
+	}
+
+	// Enum and patterns against the decoder and ParseID.
+	var kinds []string
+	json.Unmarshal(spec.at(schemas, "Kind", "enum"), &kinds)
+	for _, kind := range append(kinds, "office") {
+		_, err := ParseEntry([]byte(`{"full_name":"A","emails":[{"kind":"` + kind + `","email":"a@example.org"}]}`))
+		if accepted, listed := err == nil, slices.Contains(kinds, kind); accepted != listed {
+			t.Errorf("openapi.json Kind enum %v: kind %q listed %v, accepted by the decoder %v", kinds, kind, listed, accepted)
+		}
+	}
+	isID := func(v string) bool { _, ok := ParseID(v); return ok }
+	isText := func(v string) bool { // as an address's building_name
+		b, _ := json.Marshal(v)
+		_, err := ParseEntry([]byte(`{"full_name":"A","addresses":[{"kind":"home","building_name":` + string(b) + `,"street_name":"s","pincode":1,"country":"c"}]}`))
+		return err == nil
+	}
+	ids := []string{"0123456789abcdef0123456789abcdef", "0123456789ABCDEF0123456789ABCDEF", "0123456789abcdef0123456789abcde",
+		"0123456789abcdef0123456789abcdef0", "0123456789abcdeg0123456789abcdef", "..%2F..%2Fetc", ""}
+	patterns := []struct {
+		name    string
+		pattern json.RawMessage
+		samples []string
+		valid   func(string) bool
+	}{
+		{"Id", spec.at(schemas, "Id", "pattern"), ids, isID},
+		{"the id parameter", spec.at(params, "Id", "schema", "pattern"), ids, isID},
+		{"the after parameter", spec.at(params, "After", "schema", "pattern"), ids, isID},
+		{"Text", spec.at(schemas, "Text", "pattern"), []string{"Zoë 山田", "", "a\tb", "a\nb", "\x00", "\x7f", "\u0085", "\u009f", "\u00a0", "a\u200bb"},
+			isText},
+	}
+	for _, p := range patterns {
+		re, err := regexp.Compile(spec.text(p.pattern))
+		if err != nil {
+			t.Errorf("openapi.json %s pattern: %v", p.name, err)
+			continue
+		}
+		for _, v := range p.samples {
+			if re.MatchString(v) != p.valid(v) {
+				t.Errorf("openapi.json %s pattern %q matches %q: %v, but the service accepts it: %v", p.name, re, v, re.MatchString(v), p.valid(v))
+			}
+		}
+	}
+}
+
+// checkProblemFields asserts that a problem, an example or a real one, has
+// the fields of the Problem schema and fits its status.
+func checkProblemFields(t *testing.T, spec apiSpec, where string, status int, body []byte) {
+	t.Helper()
+	schema := spec.at(spec.doc, "components", "schemas", "Problem")
+	properties := spec.members(spec.at(schema, "properties"))
+	fields := spec.members(body)
+	for name := range fields {
+		if properties[name] == nil {
+			t.Errorf("%s: field %q is not in the Problem schema", where, name)
+		}
+	}
+	var required []string
+	json.Unmarshal(spec.at(schema, "required"), &required)
+	for _, name := range required {
+		if fields[name] == nil {
+			t.Errorf("%s: no %q, which the Problem schema requires: %s", where, name, body)
+		}
+	}
+	if spec.number(fields["status"]) != int64(status) || spec.text(fields["title"]) != http.StatusText(status) ||
+		spec.text(fields["type"]) != spec.text(spec.at(properties["type"], "const")) || !validRequestID(spec.text(fields["request_id"])) {
+		t.Errorf("%s: problem %s does not fit status %d and the Problem schema", where, body, status)
+	}
+	var errs []map[string]json.RawMessage
+	json.Unmarshal(fields["errors"], &errs)
+	if errs != nil && status != http.StatusBadRequest || fields["more_errors"] != nil && errs == nil {
+		t.Errorf("%s: errors (and more_errors with them) belong to a 400 for invalid fields: %s", where, body)
+	}
+	itemFields := slices.Sorted(maps.Keys(spec.members(spec.at(properties["errors"], "items", "properties"))))
+	for _, fe := range errs {
+		if got := slices.Sorted(maps.Keys(fe)); !slices.Equal(got, itemFields) {
+			t.Errorf("%s: an item of errors has %v, the FieldError schema %v", where, got, itemFields)
+		}
+	}
+}
+
+// TestOpenAPIExamplesAreReal: request examples are the samples in testdata,
+// verbatim, and the service takes them; entries in response examples are
+// what the service answers for them; problem examples fit the Problem schema.
+func TestOpenAPIExamplesAreReal(t *testing.T) {
+	spec := readSpec(t)
+	samples := map[string]bool{}
+	for _, b := range sampleEntries(t) {
+		samples[string(b)] = true
+	}
+	s := newTestServer(t)
+	checkEntry := func(where string, entry []byte) {
+		if res := s.do(t, request{method: "POST", path: "/addresses", body: string(entry)}); res.status != http.StatusCreated || !bytes.Equal(res.body, entry) {
+			t.Errorf("%s: the service answers %d\n%s\nfor the example\n%s", where, res.status, res.body, entry)
+		}
+	}
+	spec.operations(func(route string, op, _ json.RawMessage) {
+		method, path, _ := strings.Cut(route, " ")
+		responses := spec.members(spec.at(op, "responses"))
+		requests := spec.examples(spec.at(op, "requestBody", "content", "application/json"))
+		if spec.members(op)["requestBody"] != nil && len(requests) == 0 {
+			t.Errorf("openapi.json %s: no examples of its request body", route)
+		}
+		for name, body := range requests {
+			where := fmt.Sprintf("openapi.json %s request example %q", route, name)
+			if !samples[string(body)] {
+				t.Errorf("%s is not one of testdata/*.json verbatim: %s", where, body)
+			}
+			if _, err := ParseEntry(body); err != nil {
+				t.Errorf("%s: ParseEntry: %v", where, err)
+			}
+			switch method {
+			case "POST":
+				created := spec.examples(spec.at(responses["201"], "content", "application/json"))
+				res := s.do(t, request{method: method, path: path, body: string(body)})
+				if res.status != http.StatusCreated || !bytes.Equal(res.body, created[name]) {
+					t.Errorf("%s: the service answers %d\n%s\nthe 201 example %q is\n%s", where, res.status, res.body, name, created[name])
+				}
+			case "PUT":
+				id, _ := s.create(t, validEntry)
+				res := s.do(t, request{method: method, path: strings.Replace(path, "{id}", id, 1), body: string(body)})
+				if got := s.do(t, request{method: "GET", path: "/addresses/" + id}); res.status != http.StatusNoContent || !bytes.Equal(got.body, body) {
+					t.Errorf("%s: PUT answers %d, then GET %s", where, res.status, got.body)
+				}
+			}
+		}
+		for code, resp := range responses {
+			status, _ := strconv.Atoi(code)
+			for name, body := range spec.examples(spec.at(resp, "content", "application/problem+json")) {
+				checkProblemFields(t, spec, fmt.Sprintf("openapi.json %s %s example %q", route, code, name), status, body)
+			}
+			media := spec.at(resp, "content", "application/json")
+			for name, body := range spec.examples(media) {
+				where := fmt.Sprintf("openapi.json %s %s example %q", route, code, name)
+				switch spec.text(spec.members(spec.members(media)["schema"])["$ref"]) {
+				case "#/components/schemas/Entry":
+					checkEntry(where, body)
+				case "#/components/schemas/Page": // ids in order, each with an entry
+					dec := json.NewDecoder(bytes.NewReader(body))
+					dec.Token()
+					last := ""
+					for dec.More() {
+						key, _ := dec.Token()
+						var entry json.RawMessage
+						dec.Decode(&entry)
+						id, _ := key.(string)
+						if _, ok := ParseID(id); !ok || id <= last {
+							t.Errorf("%s: key %q is not an id after %q", where, id, last)
+						}
+						checkEntry(where+" "+id, entry)
+						last = id
+					}
+				}
+			}
+		}
+	})
+	for name, status := range muxResponses {
+		resp := spec.at(spec.doc, "components", "responses", name)
+		for ex, body := range spec.examples(spec.at(resp, "content", "application/problem+json")) {
+			checkProblemFields(t, spec, fmt.Sprintf("openapi.json %s example %q", name, ex), status, body)
+		}
+	}
+}
+
+// pathMatches reports whether path is an instance of the template: each
+// {name} segment matches one segment that is not empty.
+func pathMatches(template, path string) bool {
+	ts, ps := strings.Split(template, "/"), strings.Split(path, "/")
+	if len(ts) != len(ps) {
+		return false
+	}
+	for i := range ts {
+		if ts[i] != ps[i] && !(strings.HasPrefix(ts[i], "{") && ps[i] != "") {
+			return false
+		}
+	}
+	return true
+}
+
+// TestOpenAPIDocumentsWhatTheServerAnswers: each status openapi.json
+// documents is a real one with the right kind of body, and real requests
+// get statuses, headers and bodies that it documents for the operation
+// that answered them.
+func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
+	spec := readSpec(t)
+	checkDocumented := func(where string, status int, resp json.RawMessage) {
+		content := spec.members(spec.at(resp, "content"))
+		switch {
+		case status < 100 || status > 599 || http.StatusText(status) == "":
+			t.Errorf("openapi.json %s: %d is not an HTTP status", where, status)
+		case status >= 400:
+			if len(content) != 1 || spec.text(spec.members(spec.members(content["application/problem+json"])["schema"])["$ref"]) != "#/components/schemas/Problem" {
+				t.Errorf("openapi.json %s: a %d is application/problem+json with the Problem schema", where, status)
+			}
+		case status == http.StatusNoContent || status == http.StatusNotModified:
+			if content != nil {
+				t.Errorf("openapi.json %s: a %d has no body", where, status)
+			}
+		case len(content) != 1 || content["application/json"] == nil:
+			t.Errorf("openapi.json %s: a %d is application/json", where, status)
+		}
+		if spec.members(spec.at(resp, "headers"))["X-Request-ID"] == nil {
+			t.Errorf("openapi.json %s: X-Request-ID is on every response", where)
+		}
+	}
+	spec.operations(func(route string, op, _ json.RawMessage) {
+		for code, resp := range spec.members(spec.at(op, "responses")) {
+			status, err := strconv.Atoi(code)
+			if err != nil || len(code) != 3 {
+				status = 0
+			}
+			checkDocumented(route+" "+code, status, resp)
+		}
+	})
+	for name, status := range muxResponses {
+		checkDocumented(name, status, spec.at(spec.doc, "components", "responses", name))
+	}
+
+	// documented returns the operation that answers method and path, or the
+	// mux's response, and what openapi.json says it answers with status.
+	documented := func(method, path string, status int) (string, json.RawMessage) {
+		paths := spec.members(spec.at(spec.doc, "paths"))
+		template := path
+		if paths[path] == nil {
+			template = ""
+			for p := range paths {
+				if pathMatches(p, path) {
+					template = p
+				}
+			}
+		}
+		if method == "HEAD" {
+			method = "GET"
+		}
+		op := spec.members(spec.at(paths[template]))[strings.ToLower(method)]
+		mux := ""
+		switch {
+		case template == "":
+			mux = "UnknownPath"
+		case op == nil:
+			mux = "MethodNotAllowed"
+		default:
+			return method + " " + template, spec.at(op, "responses", strconv.Itoa(status))
+		}
+		if status != muxResponses[mux] {
+			return mux, nil
+		}
+		return mux, spec.at(spec.doc, "components", "responses", mux)
+	}
+	headers := []string{"ETag", "Location", "Link", "X-Request-ID", "Vary", "Content-Encoding", "Allow", "Retry-After"}
+	s := newTestServer(t)
+	seen := map[int]bool{}
+	check := func(req request) {
+		t.Helper()
+		res := s.do(t, req)
+		seen[res.status] = true
+		path, _, _ := strings.Cut(req.path, "?")
+		op, resp := documented(req.method, path, res.status)
+		where := fmt.Sprintf("%s %s answered %d", req.method, req.path, res.status)
+		if resp == nil {
+			t.Errorf("%s, which openapi.json does not document for %s", where, op)
+			return
+		}
+		doc := map[string]json.RawMessage{}
+		for name, h := range spec.members(spec.at(resp, "headers")) {
+			doc[http.CanonicalHeaderKey(name)] = spec.deref(h)
+		}
+		for _, name := range headers {
+			h, sent := doc[http.CanonicalHeaderKey(name)], res.header.Get(name) != ""
+			if sent && h == nil {
+				t.Errorf("%s with %s: %q, which openapi.json does not document for %s %d", where, name, res.header.Get(name), op, res.status)
+			}
+			if !sent && string(spec.members(h)["required"]) == "true" {
+				t.Errorf("%s without %s, which openapi.json says %s %d always has", where, name, op, res.status)
+			}
+		}
+		ct, content := res.header.Get("Content-Type"), spec.members(spec.at(resp, "content"))
+		if (ct != "") != (content != nil) || ct != "" && content[ct] == nil {
+			t.Errorf("%s with Content-Type %q; openapi.json documents %v for %s %d", where, ct, slices.Sorted(maps.Keys(content)), op, res.status)
+		}
+		if ct == "application/problem+json" {
+			checkProblemFields(t, spec, where, res.status, res.body)
+		}
+	}
+
+	for range 5 {
+		s.create(t, validEntry) // a page over 1 KiB, to be gzip-encoded
+	}
+	id, tag := s.create(t, validEntry)
+	entry, unknown := "/addresses/"+id, "/addresses/0123456789abcdef0123456789abcdef"
+	gzipOK := map[string]string{"Accept-Encoding": "gzip"}
+	for _, req := range []request{
+		{method: "POST", path: "/addresses", body: validEntry},
+		{method: "POST", path: "/addresses/", body: validEntry},
+		{method: "POST", path: "/addresses", body: `{"full_name":"","emails":[{"kind":"x"}]}`},
+		{method: "POST", path: "/addresses", body: `{"full_name":"` + strings.Repeat("a", testMaxBody) + `"}`},
+		{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "text/plain"}},
+		{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Encoding": "br"}},
+		{method: "GET", path: "/addresses?limit=1"},
+		{method: "GET", path: "/addresses/", header: gzipOK},
+		{method: "HEAD", path: "/addresses"},
+		{method: "GET", path: "/addresses?limit=0"},
+		{method: "GET", path: "/addresses/?after=xyz"},
+		{method: "GET", path: entry},
+		{method: "HEAD", path: entry},
+		{method: "GET", path: entry, header: map[string]string{"If-None-Match": tag}},
+		{method: "GET", path: "/addresses/0123"},
+		{method: "PUT", path: entry, body: validEntry, header: map[string]string{"If-Match": `"0123"`}},
+		{method: "PUT", path: entry, body: `{"full_name":5}`},
+		{method: "PUT", path: entry, body: validEntry, header: map[string]string{"If-Match": tag}},
+		{method: "PUT", path: unknown, body: validEntry},
+		{method: "DELETE", path: entry, header: map[string]string{"If-Match": `"0123"`}},
+		{method: "DELETE", path: entry},
+		{method: "DELETE", path: entry},
+		{method: "PATCH", path: "/addresses"},
+		{method: "POST", path: unknown, body: validEntry},
+		{method: "DELETE", path: "/healthz"},
+		{method: "GET", path: "/nope"},
+		{method: "GET", path: entry + "/x"},
+		{method: "GET", path: "/healthz"},
+		{method: "GET", path: "/readyz"},
+		{method: "GET", path: "/openapi.json", header: gzipOK},
+		{method: "HEAD", path: "/openapi.json"},
+	} {
+		check(req)
+	}
+	s.ready.Store(false)
+	check(request{method: "GET", path: "/readyz"})
+	for _, status := range []int{200, 201, 204, 304, 400, 404, 405, 412, 413, 415, 503} {
+		if !seen[status] {
+			t.Errorf("no request got a %d; the requests above should reach it", status)
+		}
 	}
 }
 

@@ -1,7 +1,8 @@
 // Addrservice is an address-book REST service built on the standard library
 // alone, and a starting point to copy for a Go service of your own.
 //
-// Endpoints (contract: api-v1.md; README for examples):
+// Endpoints (contract: openapi.json, also served at GET /openapi.json; README
+// for examples):
 //
 //	POST   /addresses        create an entry: 201, Location, ETag
 //	GET    /addresses        list entries in id order: ?limit=N&after=ID, Link rel="next"
@@ -10,6 +11,7 @@
 //	DELETE /addresses/{id}   delete an entry: 204, If-Match
 //	GET    /healthz          liveness
 //	GET    /readyz           readiness: 503 once shutdown has begun
+//	GET    /openapi.json     this API's OpenAPI 3.1 description
 //
 // Usage:
 //
