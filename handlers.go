@@ -36,9 +36,16 @@ type handlerConfig struct {
 }
 
 // newHandler returns the whole API with its middleware.
-func newHandler(log *slog.Logger, book *Collection[Entry], cfg handlerConfig) http.Handler {
+// resources are the collections the API serves, one per resource. A second
+// resource is a field here, its seven lines in addRoutes, and its store in
+// serve.
+type resources struct {
+	book *Collection[Entry]
+}
+
+func newHandler(log *slog.Logger, res resources, cfg handlerConfig) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, log, book, cfg)
+	addRoutes(mux, log, res, cfg)
 	return withMiddleware(log, mux)
 }
 
@@ -46,14 +53,14 @@ func newHandler(log *slog.Logger, book *Collection[Entry], cfg handlerConfig) ht
 // resource has the same seven lines, with its collection and its parse
 // function. mux is an *http.ServeMux, or in a test anything that records the
 // patterns.
-func addRoutes(mux interface{ Handle(string, http.Handler) }, log *slog.Logger, book *Collection[Entry], cfg handlerConfig) {
-	mux.Handle("POST /addresses", handle(log, createItem(book, ParseEntry, cfg)))
-	mux.Handle("GET /addresses", handle(log, listItems(book)))
-	mux.Handle("POST /addresses/{$}", handle(log, createItem(book, ParseEntry, cfg)))
-	mux.Handle("GET /addresses/{$}", handle(log, listItems(book)))
-	mux.Handle("GET /addresses/{id}", handle(log, getItem(book)))
-	mux.Handle("PUT /addresses/{id}", handle(log, replaceItem(book, ParseEntry, cfg)))
-	mux.Handle("DELETE /addresses/{id}", handle(log, deleteItem(book)))
+func addRoutes(mux interface{ Handle(string, http.Handler) }, log *slog.Logger, res resources, cfg handlerConfig) {
+	mux.Handle("POST /addresses", handle(log, createItem(res.book, ParseEntry, cfg)))
+	mux.Handle("GET /addresses", handle(log, listItems(res.book)))
+	mux.Handle("POST /addresses/{$}", handle(log, createItem(res.book, ParseEntry, cfg)))
+	mux.Handle("GET /addresses/{$}", handle(log, listItems(res.book)))
+	mux.Handle("GET /addresses/{id}", handle(log, getItem(res.book)))
+	mux.Handle("PUT /addresses/{id}", handle(log, replaceItem(res.book, ParseEntry, cfg)))
+	mux.Handle("DELETE /addresses/{id}", handle(log, deleteItem(res.book)))
 	mux.Handle("GET /healthz", handle(log, healthz()))
 	mux.Handle("GET /readyz", handle(log, readyz(cfg)))
 	mux.Handle("GET /openapi.json", handle(log, openAPI()))

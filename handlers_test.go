@@ -55,7 +55,7 @@ func newTestServerOn(t *testing.T, store Store) *testServer {
 	ready := new(atomic.Bool)
 	ready.Store(true)
 	svc := NewCollection[Entry](store, log)
-	srv := httptest.NewServer(newHandler(log, svc, testConfig(store, ready)))
+	srv := httptest.NewServer(newHandler(log, resources{book: svc}, testConfig(store, ready)))
 	t.Cleanup(srv.Close)
 	return &testServer{Server: srv, logs: logs, ready: ready}
 }
@@ -1030,7 +1030,7 @@ func newPanickyServer(t *testing.T, logs io.Writer, format string) *httptest.Ser
 	ready.Store(true)
 	mux := http.NewServeMux()
 	store := NewMapStore(0)
-	addRoutes(mux, log, NewCollection[Entry](store, log), testConfig(store, ready))
+	addRoutes(mux, log, resources{book: NewCollection[Entry](store, log)}, testConfig(store, ready))
 	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) { panic("boom at the handler") })
 	mux.HandleFunc("GET /panic-late", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("partial"))
@@ -1886,7 +1886,7 @@ func (r *routeRecorder) Handle(pattern string, _ http.Handler) { *r = append(*r,
 // slash, which is how openapi.json lists it.
 func TestOpenAPIPathsAreTheRoutes(t *testing.T) {
 	var routes routeRecorder
-	addRoutes(&routes, nil, nil, handlerConfig{}) // the handlers are made, never called
+	addRoutes(&routes, nil, resources{}, handlerConfig{}) // the handlers are made, never called
 	registered := map[string]bool{}
 	for _, pattern := range routes {
 		method, path, ok := strings.Cut(pattern, " ")
@@ -2439,7 +2439,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	}
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	book.handler = newHandler(log, svc, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(store)})
+	book.handler = newHandler(log, resources{book: svc}, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(store)})
 	return book
 }
 

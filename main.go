@@ -295,7 +295,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	var ready atomic.Bool
 	ready.Store(true)
 	srv := &http.Server{
-		Handler: newHandler(log, NewCollection[Entry](entryStore, log), handlerConfig{
+		Handler: newHandler(log, resources{book: NewCollection[Entry](entryStore, log)}, handlerConfig{
 			maxBody:    cfg.maxBody,
 			bodies:     newBodyBudget(cfg.maxBodyMemory),
 			ready:      &ready,
