@@ -10,6 +10,7 @@
 #   ./check.sh cover    coverage report as HTML in coverage.html
 #   ./check.sh e2e      builds the binary, drives it over HTTP, stops it with SIGTERM
 #   ./check.sh rename   the README's rename commands on a copy, then its tests
+#   ./check.sh recipe   the README's second resource (/contacts) added to a copy, then its tests
 #   ./check.sh bench    benchmarks with allocation counts, then the fraction of the
 #                       ceiling per workload (BENCHTIME=1s; ADDRSERVICE_BENCH_ENTRIES)
 #   ./check.sh fuzz     fuzzes the entry decoder (FUZZTIME=30s by default)
@@ -268,6 +269,21 @@ check_rename() {
 	echo "ok"
 }
 
+# check_recipe applies the README's worked example of a second resource,
+# testdata/contacts/add-contacts.patch, to a copy and runs its tests. When
+# the code moves under it, apply it by hand, mend it, and save it again with
+# git diff > testdata/contacts/add-contacts.patch.
+check_recipe() {
+	step "recipe: /contacts added to a copy"
+	local copy
+	copy=$(mktemp -d)
+	trap 'rm -rf "$copy"; trap - RETURN' RETURN
+	tar --exclude=.git -cf - . | tar -xf - -C "$copy"
+	(cd "$copy" && git apply testdata/contacts/add-contacts.patch) || { echo "the patch no longer applies"; return 1; }
+	(cd "$copy" && go vet . && go test -count=1 -short -timeout=2m .) || return 1
+	echo "ok"
+}
+
 # check_load drives the built binary and a ceiling server (a bare net/http
 # handler writing the same bytes, from the test binary) with wrk, the server
 # on one core with GOMAXPROCS=1 and wrk on the other, and prints req/s, p99
@@ -356,11 +372,12 @@ all)
 	check_bench_smoke
 	check_e2e
 	check_rename
+	check_recipe
 	step "all checks passed"
 	;;
-fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | load) "check_$1" ;;
+fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|bench|fuzz|load]" >&2
+	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|recipe|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac
