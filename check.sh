@@ -275,6 +275,10 @@ check_rename() {
 # git diff > testdata/contacts/add-contacts.patch.
 check_recipe() {
 	step "recipe: /contacts added to a copy"
+	if [[ ! -f testdata/contacts/add-contacts.patch ]]; then
+		echo "skipped: testdata/contacts/ is gone (a copy that has its own resources)"
+		return 0
+	fi
 	local copy
 	copy=$(mktemp -d)
 	trap 'rm -rf "$copy"; trap - RETURN' RETURN

@@ -269,14 +269,15 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		log.Warn("log output works again; lines written while it failed are lost", "lost_lines", lost)
 	}
 
-	// One store per resource: a second resource opens its own here, and
-	// adds it to stores so that readiness and shutdown see it.
+	// One store per resource: a second resource opens its own here and
+	// adds it to stores, which readiness checks and every return closes.
+	var stores []Store
+	defer func() { closeStores(stores) }() // a second Close is harmless
 	entryStore, err := openStore(cfg, log, "addresses", storedRecord(ParseEntry))
 	if err != nil {
 		return err
 	}
-	stores := []Store{entryStore}
-	defer closeStores(stores) // for an early return; a second Close is harmless
+	stores = append(stores, entryStore)
 
 	// Listen before anything else can fail late: a port in use is reported now.
 	ln, err := net.Listen("tcp", cfg.addr)

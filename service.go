@@ -516,9 +516,10 @@ func (d *decoder) email(v jsonValue, item fieldPath) Email {
 	return em
 }
 
-// emailAddress checks a required e-mail address field: what net/mail parses
-// as an address with no display name, written exactly as its own address
-// part ("Ada <a@b>" is refused).
+// emailAddress checks an e-mail address field (whether it may be left out
+// is for the required list given to fields): what net/mail parses as an
+// address with no display name, written exactly as its own address part
+// ("Ada <a@b>" is refused).
 func (d *decoder) emailAddress(v jsonValue, path fieldPath) string {
 	s := d.text(v, path, true)
 	if s == "" {
