@@ -244,11 +244,15 @@ postgres_bin_dir() {
 	return 1
 }
 
+# as_pg runs a PostgreSQL command as the server's user, from its directory
+# (which that user, unlike the caller's, can surely enter).
+as_pg() { (cd "$tmp/pg" && "${pg_as[@]}" "$@"); }
+
 # postgres_cleanup stops what check_postgres started and removes what it made.
 postgres_cleanup() {
 	kill -9 ${pids[*]:-} 2>/dev/null || true
 	if [[ -n ${pg_data:-} && -f $pg_data/postmaster.pid ]]; then
-		"${pg_as[@]}" "$pg_bin/pg_ctl" -D "$pg_data" -m immediate -w stop >/dev/null 2>&1 ||
+		as_pg "$pg_bin/pg_ctl" -D "$pg_data" -m immediate -w stop >/dev/null 2>&1 ||
 			kill -9 "$(head -n 1 "$pg_data/postmaster.pid")" 2>/dev/null || true
 	fi
 	rm -rf "$tmp"
@@ -281,7 +285,7 @@ check_postgres() {
 		(cd "$src" && eval "$line")
 	done <<<"$steps"
 	[[ -x $src/addrservice ]] || { echo "the README's steps built no binary"; return 1; }
-	(cd "$src" && go vet . && test -z "$(gofmt -l .)")
+	(cd "$src" && go vet . && test -z "$(gofmt -l .)") || { echo "the copy with the store fails go vet or gofmt"; return 1; }
 
 	echo "a throwaway database ($pg_bin)"
 	mkdir "$tmp/pg"
@@ -293,9 +297,9 @@ check_postgres() {
 		pg_as=(runuser -u "$user" --)
 	fi
 	pg_data=$tmp/pg/data
-	"${pg_as[@]}" "$pg_bin/initdb" -D "$pg_data" -U postgres --auth=trust -E UTF8 --locale=C -N >"$tmp/initdb.log" 2>&1 ||
+	as_pg "$pg_bin/initdb" -D "$pg_data" -U postgres --auth=trust -E UTF8 --locale=C -N >"$tmp/initdb.log" 2>&1 ||
 		{ cat "$tmp/initdb.log"; return 1; }
-	"${pg_as[@]}" "$pg_bin/pg_ctl" -D "$pg_data" -l "$tmp/pg/server.log" -w -o "-c listen_addresses='' -k $tmp/pg" start >/dev/null ||
+	as_pg "$pg_bin/pg_ctl" -D "$pg_data" -l "$tmp/pg/server.log" -w -o "-c listen_addresses='' -k $tmp/pg" start >/dev/null ||
 		{ cat "$tmp/pg/server.log"; return 1; }
 	# The database initdb made; the password is ignored (trust), but must never show in a log.
 	local url="postgres://postgres:pg-s3cret@/postgres?host=$tmp/pg"
@@ -372,7 +376,7 @@ check_postgres() {
 	pids=()
 	! grep -l pg-s3cret "$tmp"/*.log "$tmp/pg/server.log" || { echo "the password is in the logs above"; return 1; }
 
-	"${pg_as[@]}" "$pg_bin/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null
+	as_pg "$pg_bin/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null
 	pg_data=""
 	if grep -q '^require' go.mod || [[ -e go.sum ]]; then
 		echo "the service's go.mod requires something now:"; cat go.mod; return 1
