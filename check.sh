@@ -2,7 +2,8 @@
 # check.sh is the project's one entry to its checks.
 #
 #   ./check.sh          everything CI runs: fmt, vet, lint (when staticcheck is
-#                       installed), test (race detector, coverage floor), e2e
+#                       installed), test (race detector, coverage floor), e2e,
+#                       postgres (when PostgreSQL is installed)
 #   ./check.sh fmt      gofmt check
 #   ./check.sh vet      go vet
 #   ./check.sh lint     staticcheck, skipped when it is not installed
@@ -11,6 +12,9 @@
 #   ./check.sh e2e      builds the binary, drives it over HTTP, stops it with SIGTERM
 #   ./check.sh rename   the README's rename commands on a copy, then its tests
 #   ./check.sh recipe   the README's second resource (/contacts) added to a copy, then its tests
+#   ./check.sh postgres the README's steps to PostgreSQL on a copy of the project and
+#                       a throwaway database: store contract tests, the README's session,
+#                       two instances on one database; skipped without PostgreSQL
 #   ./check.sh bench    benchmarks with allocation counts, then the fraction of the
 #                       ceiling per workload (BENCHTIME=1s; ADDRSERVICE_BENCH_ENTRIES)
 #   ./check.sh fuzz     fuzzes the entry decoder (FUZZTIME=30s by default)
@@ -118,6 +122,26 @@ check_fuzz() {
 	go test -run='^$' -fuzz=FuzzParseEntry -fuzztime="${FUZZTIME:-30s}" .
 }
 
+# readme_session ADDR runs the README's curl session, the lines between
+# <!-- e2e:begin --> and <!-- e2e:end -->, against the service at ADDR: each
+# curl line that ends in "# expect NNN" must answer NNN; the other lines
+# (variables) run as they are.
+readme_session() {
+	local session line cmd want got failures=0
+	session=$(sed -n '/<!-- e2e:begin -->/,/<!-- e2e:end -->/p' README.md | sed "s/localhost:8080/$1/g")
+	[[ -n $session ]] || { echo "README.md has no e2e session"; return 1; }
+	while IFS= read -r line; do
+		if [[ $line =~ ^(curl.*[^ ])\ +#\ expect\ ([0-9]{3}) ]]; then
+			cmd=${BASH_REMATCH[1]} want=${BASH_REMATCH[2]}
+			got=$(eval "$cmd -s -o /dev/null -w '%{http_code}'") || got="curl failed"
+			if [[ $got == "$want" ]]; then echo "ok   $want  $cmd"; else echo "FAIL $got (want $want)  $cmd"; failures=$((failures + 1)); fi
+		elif [[ $line =~ ^[a-z_]+= ]]; then
+			eval "$line"
+		fi
+	done <<<"$session"
+	((failures == 0)) || { echo "$failures README commands did not answer as documented"; return 1; }
+}
+
 # check_e2e is the tutorial's end-to-end level: the built binary, driven over
 # HTTP with the README's own curl session, then stopped with SIGTERM.
 check_e2e() {
@@ -139,21 +163,7 @@ check_e2e() {
 	}
 
 	e2e_start
-	# Every curl line of the README's session that ends in "# expect NNN" must
-	# answer NNN; the other lines (variables) run as they are.
-	local session line cmd want got failures=0
-	session=$(sed -n '/<!-- e2e:begin -->/,/<!-- e2e:end -->/p' README.md | sed "s/localhost:8080/$addr/g")
-	[[ -n $session ]] || { echo "README.md has no e2e session"; return 1; }
-	while IFS= read -r line; do
-		if [[ $line =~ ^(curl.*[^ ])\ +#\ expect\ ([0-9]{3}) ]]; then
-			cmd=${BASH_REMATCH[1]} want=${BASH_REMATCH[2]}
-			got=$(eval "$cmd -s -o /dev/null -w '%{http_code}'") || got="curl failed"
-			if [[ $got == "$want" ]]; then echo "ok   $want  $cmd"; else echo "FAIL $got (want $want)  $cmd"; failures=$((failures + 1)); fi
-		elif [[ $line =~ ^[a-z_]+= ]]; then
-			eval "$line"
-		fi
-	done <<<"$session"
-	((failures == 0)) || { echo "$failures README commands did not answer as documented"; return 1; }
+	readme_session "$addr"
 
 	echo "SIGTERM: drains and exits 0"
 	kill -TERM "$pid"
@@ -237,6 +247,11 @@ check_e2e() {
 	status=0; "$bin" -max-body lots >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] || { echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
 
+	echo "a database URL without the PostgreSQL store exits 2 with one line naming the file to copy, not the password"
+	status=0; ADDRSERVICE_DATABASE_URL=postgres://addrservice:s3cret@localhost/addrservice "$bin" >/dev/null 2>"$tmp/err" || status=$?
+	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] && grep -q testdata/postgres/postgres.go "$tmp/err" && ! grep -q s3cret "$tmp/err" ||
+		{ echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
+
 	echo "a port in use exits 1"
 	e2e_start
 	status=0; "$bin" -addr "$addr" >/dev/null 2>"$tmp/err" || status=$?
@@ -286,6 +301,161 @@ check_recipe() {
 	(cd "$copy" && git apply testdata/contacts/add-contacts.patch) || { echo "the patch no longer applies"; return 1; }
 	(cd "$copy" && go vet . && go test -count=1 -short -timeout=2m .) || return 1
 	echo "ok"
+}
+
+# postgres_bin_dir prints the directory of PostgreSQL's initdb and pg_ctl:
+# the one initdb on the PATH links to, or else the newest of Debian's
+# /usr/lib/postgresql/*/bin.
+postgres_bin_dir() {
+	local dir
+	if dir=$(command -v initdb) && dir=$(dirname "$(readlink -f "$dir")") && [[ -x $dir/pg_ctl ]]; then
+		echo "$dir"
+		return 0
+	fi
+	for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
+		[[ -x $dir/initdb && -x $dir/pg_ctl ]] && { echo "$dir"; return 0; }
+	done
+	return 1
+}
+
+# as_pg runs a PostgreSQL command as the server's user, from its directory
+# (which that user, unlike the caller's, can surely enter).
+as_pg() { (cd "$tmp/pg" && "${pg_as[@]}" "$@"); }
+
+# postgres_cleanup stops what check_postgres started and removes what it made.
+postgres_cleanup() {
+	kill -9 ${pids[*]:-} 2>/dev/null || true
+	if [[ -n ${pg_data:-} && -f $pg_data/postmaster.pid ]]; then
+		as_pg "$pg_bin/pg_ctl" -D "$pg_data" -m immediate -w stop >/dev/null 2>&1 ||
+			kill -9 "$(head -n 1 "$pg_data/postmaster.pid")" 2>/dev/null || true
+	fi
+	rm -rf "$tmp"
+}
+
+# check_postgres follows the README's steps to PostgreSQL on a copy of the
+# project, against a throwaway database: Debian's PostgreSQL, set up by
+# initdb and pg_ctl in a temporary directory and reached on a Unix socket
+# there only. It runs the store contract tests with the PostgreSQL store
+# compiled in, the README's session against the binary, and two instances of
+# the service on the one database; then it stops the database and removes
+# everything.
+check_postgres() {
+	step "PostgreSQL: the README's steps on a copy, a throwaway database, two instances"
+	pg_bin=$(postgres_bin_dir) || { echo "skipped: PostgreSQL is not installed"; return 0; }
+	command -v curl >/dev/null || { echo "postgres needs curl"; return 1; }
+	tmp=$(mktemp -d) pids=() pg_data="" pg_as=() # global, so the EXIT trap can clean up after set -e
+	trap postgres_cleanup EXIT
+	trap 'postgres_cleanup; trap - EXIT RETURN' RETURN
+	local started=$SECONDS src=$tmp/src
+
+	echo "the README's steps, on a copy of the project"
+	mkdir "$src"
+	tar --exclude=./.git -cf - . | tar -xf - -C "$src"
+	local steps line
+	steps=$(sed -n '/<!-- postgres:begin -->/,/<!-- postgres:end -->/p' README.md | grep -E '^(cp|go) ' || true)
+	[[ -n $steps ]] || { echo "README.md has no postgres steps"; return 1; }
+	while IFS= read -r line; do
+		echo "+ $line"
+		(cd "$src" && eval "$line")
+	done <<<"$steps"
+	[[ -x $src/addrservice ]] || { echo "the README's steps built no binary"; return 1; }
+	(cd "$src" && go vet . && test -z "$(gofmt -l .)") || { echo "the copy with the store fails go vet or gofmt"; return 1; }
+
+	echo "a throwaway database ($pg_bin)"
+	mkdir "$tmp/pg"
+	if ((EUID == 0)); then # initdb refuses root; the server runs as a user that owns its directory
+		local user=postgres
+		id "$user" >/dev/null 2>&1 || user=nobody
+		chown "$user" "$tmp/pg"
+		chmod 711 "$tmp"
+		pg_as=(runuser -u "$user" --)
+	fi
+	pg_data=$tmp/pg/data
+	as_pg "$pg_bin/initdb" -D "$pg_data" -U postgres --auth=trust -E UTF8 --locale=C -N >"$tmp/initdb.log" 2>&1 ||
+		{ cat "$tmp/initdb.log"; return 1; }
+	as_pg "$pg_bin/pg_ctl" -D "$pg_data" -l "$tmp/pg/server.log" -w -o "-c listen_addresses='' -k $tmp/pg" start >/dev/null ||
+		{ cat "$tmp/pg/server.log"; return 1; }
+	# The database initdb made; the password is ignored (trust), but must never show in a log.
+	local url="postgres://postgres:pg-s3cret@/postgres?host=$tmp/pg"
+
+	echo "store contract tests, with PostgreSQL, and the benchmark once"
+	(cd "$src" && ADDRSERVICE_TEST_DATABASE_URL=$url go test -race -count=1 -timeout 120s -run 'Contract|Postgres' -bench PostgresStore -benchtime 1x . >"$tmp/test.log" 2>&1) ||
+		{ cat "$tmp/test.log"; return 1; }
+	grep -E '^(ok|PASS)' "$tmp/test.log"
+
+	local bin=$src/addrservice addr a b
+	# instance LOG starts the binary on the database, logging to LOG, and
+	# sets addr to where it listens.
+	instance() {
+		: >"$1"
+		ADDRSERVICE_DATABASE_URL=$url "$bin" -addr 127.0.0.1:0 >"$1" 2>&1 &
+		pids+=($!)
+		addr=$(wait_for "$1" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') && return 0
+		echo "the binary did not start:"; cat "$1"; return 1
+	}
+	instance "$tmp/a.log"
+	a=$addr
+	echo "the README's session, on PostgreSQL"
+	readme_session "$a"
+
+	instance "$tmp/b.log"
+	b=$addr
+	echo "an entry created on one instance is read on the other, with the same ETag"
+	local loc etag
+	loc=$(curl -s -o /dev/null -w '%header{location}' --json @testdata/ada-lovelace.json "http://$a/addresses")
+	etag=$(curl -s -o /dev/null -w '%header{etag}' "http://$a$loc")
+	[[ -n $loc && -n $etag ]] || { echo "create on $a: location '$loc', ETag '$etag'"; return 1; }
+	[[ $(curl -s "http://$b$loc") == "$(cat testdata/ada-lovelace.json)" ]] || { echo "the entry read on $b differs"; return 1; }
+	[[ $(curl -s -o /dev/null -w '%header{etag}' "http://$b$loc") == "$etag" ]] || { echo "the ETag read on $b differs"; return 1; }
+
+	local writers=16 round n args out
+	echo "$writers PUTs at once with one If-Match, half on each instance: one 204 per version, the rest 412"
+	for round in 1 2 3 4 5; do
+		args=()
+		for n in $(seq "$writers"); do
+			((n == 1)) || args+=(--next)
+			args+=(-s -o /dev/null -w '%{http_code} %header{etag}\n' -X PUT -H "If-Match: $etag"
+				--json "{\"full_name\":\"Round $round, writer $n\"}" "http://$([[ $((n % 2)) == 0 ]] && echo "$a" || echo "$b")$loc")
+		done
+		out=$(curl --no-progress-meter --parallel --parallel-immediate --parallel-max "$writers" "${args[@]}")
+		if [[ $(grep -c '^204 ' <<<"$out") != 1 || $(grep -c '^412 ' <<<"$out") != $((writers - 1)) ]]; then
+			echo "round $round, If-Match $etag: want one 204 and $((writers - 1)) 412s, got:"; sort <<<"$out" | uniq -c; return 1
+		fi
+		etag=$(sed -n 's/^204 //p' <<<"$out")
+		for addr in "$a" "$b"; do
+			[[ $(curl -s -o /dev/null -w '%header{etag}' "http://$addr$loc") == "$etag" ]] || { echo "round $round: $addr does not serve the winner's ETag $etag"; return 1; }
+		done
+	done
+
+	echo "creates on both instances at once get distinct ids, all listed by either"
+	args=()
+	for n in $(seq 40); do
+		((n == 1)) || args+=(--next)
+		args+=(-s -o /dev/null -w '%{http_code} %header{location}\n' --json @testdata/zoe-muller.json "http://$([[ $((n % 2)) == 0 ]] && echo "$a" || echo "$b")/addresses")
+	done
+	out=$(curl --no-progress-meter --parallel --parallel-immediate --parallel-max 40 "${args[@]}")
+	[[ $(grep -c '^201 /addresses/' <<<"$out") == 40 && $(sort -u <<<"$out" | wc -l) == 40 ]] || { echo "40 creates:"; echo "$out"; return 1; }
+	for addr in "$a" "$b"; do
+		curl -s "http://$addr/addresses?limit=1000" | grep -o '"[0-9a-f]\{32\}":{' | cut -c2-33 >"$tmp/listed"
+		sed 's|.*/||' <<<"$out" | grep -vxFf "$tmp/listed" && { echo "$addr does not list the ids above"; return 1; }
+	done
+
+	echo "SIGTERM: both exit 0; no log holds the password"
+	local pid status
+	for pid in "${pids[@]}"; do
+		kill -TERM "$pid"
+		status=0; wait "$pid" || status=$?
+		[[ $status == 0 ]] || { echo "exit status $status after SIGTERM, want 0"; cat "$tmp"/a.log "$tmp"/b.log; return 1; }
+	done
+	pids=()
+	! grep -l pg-s3cret "$tmp"/*.log "$tmp/pg/server.log" || { echo "the password is in the logs above"; return 1; }
+
+	as_pg "$pg_bin/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null
+	pg_data=""
+	if grep -q '^require' go.mod || [[ -e go.sum ]]; then
+		echo "the service's go.mod requires something now:"; cat go.mod; return 1
+	fi
+	echo "ok ($((SECONDS - started)) s)"
 }
 
 # check_load drives the built binary and a ceiling server (a bare net/http
@@ -377,11 +547,12 @@ all)
 	check_e2e
 	check_rename
 	check_recipe
+	check_postgres
 	step "all checks passed"
 	;;
-fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | load) "check_$1" ;;
+fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|recipe|bench|fuzz|load]" >&2
+	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|recipe|postgres|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac

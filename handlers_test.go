@@ -979,12 +979,89 @@ func TestRunReadsEnvironmentAndFlagsWin(t *testing.T) {
 	}
 }
 
+// secretURL is a database URL whose password must never be printed or logged.
+const secretURL = "postgres://addrservice:s3cret@db.example/addrservice"
+
+func TestRunRefusesADatabaseURLItCannotUse(t *testing.T) {
+	saved := openDatabase
+	t.Cleanup(func() { openDatabase = saved })
+	opened := func(context.Context, string, string) (Store, error) {
+		t.Error("the database was opened")
+		return NewMapStore(0), nil
+	}
+	tests := []struct {
+		name         string
+		openDatabase func(ctx context.Context, url, table string) (Store, error)
+		args         []string
+		env          map[string]string
+		want         string // what the one-line error must name
+	}{
+		{"without a database store, by flag", nil, []string{"-database-url", secretURL}, nil, "testdata/postgres/postgres.go"},
+		{"without a database store, by variable", nil, nil, map[string]string{"ADDRSERVICE_DATABASE_URL": secretURL}, "testdata/postgres/postgres.go"},
+		{"beside -data", opened, []string{"-database-url", secretURL, "-data", t.TempDir()}, nil, "-data and -database-url"},
+		{"beside ADDRSERVICE_DATA", opened, []string{"-database-url", secretURL}, map[string]string{"ADDRSERVICE_DATA": t.TempDir()}, "-data and -database-url"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			openDatabase = tt.openDatabase
+			var logs, stderr bytes.Buffer
+			err := run(context.Background(), tt.args, func(k string) string { return tt.env[k] }, &logs, &stderr)
+			var usage *usageError
+			if !errors.As(err, &usage) {
+				t.Fatalf("run = %v, want a usage error (exit status 2)", err)
+			}
+			if msg := err.Error(); !strings.Contains(msg, tt.want) || strings.Contains(msg, "\n") || strings.Contains(msg, "s3cret") {
+				t.Errorf("error %q: want one line naming %s, without the password", msg, tt.want)
+			}
+			if logs.Len() != 0 {
+				t.Errorf("something started: %s", logs.String())
+			}
+		})
+	}
+}
+
+func TestRunOpensTheDatabaseStore(t *testing.T) {
+	saved := openDatabase
+	t.Cleanup(func() { openDatabase = saved })
+	var gotURL, gotTable string
+	openDatabase = func(_ context.Context, url, table string) (Store, error) {
+		gotURL, gotTable = url, table
+		return NewMapStore(0), nil
+	}
+	p := startRun(t, map[string]string{"ADDRSERVICE_DATABASE_URL": secretURL})
+	res, err := http.Post("http://"+p.addr+"/addresses", "application/json", strings.NewReader(validEntry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusCreated {
+		t.Errorf("POST: status %d, want 201", res.StatusCode)
+	}
+	if err := p.stop(t); err != nil {
+		t.Fatalf("run = %v after cancel, want nil", err)
+	}
+	if gotURL != secretURL || gotTable != "addresses" {
+		t.Errorf("openDatabase(%q, %q), want (%q, %q)", gotURL, gotTable, secretURL, "addresses")
+	}
+	if strings.Contains(p.logs.String(), "s3cret") {
+		t.Errorf("the password is in the logs:\n%s", p.logs.String())
+	}
+
+	openDatabase = func(context.Context, string, string) (Store, error) { return nil, errors.New("connection refused") }
+	var logs, stderr bytes.Buffer
+	err = run(context.Background(), []string{"-addr", "127.0.0.1:0", "-database-url", secretURL}, func(string) string { return "" }, &logs, &stderr)
+	var usage *usageError
+	if err == nil || errors.As(err, &usage) || !strings.Contains(err.Error(), "connection refused") {
+		t.Errorf("with a database that refuses: run = %v, want its error (exit status 1)", err)
+	}
+}
+
 func TestRunHelpPrintsUsage(t *testing.T) {
 	var logs, stderr bytes.Buffer
 	if err := run(context.Background(), []string{"-h"}, func(string) string { return "" }, &logs, &stderr); err != nil {
 		t.Fatalf("run -h = %v, want nil", err)
 	}
-	for _, want := range []string{"-addr", "-data", "-log-level", "-log-format", "-max-body", "-max-body-memory", "-max-store-bytes", "-max-conns", "-shutdown-timeout", "ADDRSERVICE_", "(default 1MiB)", "(default 128MiB)", ":8080", "10s"} {
+	for _, want := range []string{"-addr", "-data", "-database-url", "-log-level", "-log-format", "-max-body", "-max-body-memory", "-max-store-bytes", "-max-conns", "-shutdown-timeout", "ADDRSERVICE_", "(default 1MiB)", "(default 128MiB)", ":8080", "10s"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("usage lacks %q:\n%s", want, stderr.String())
 		}

@@ -15,8 +15,8 @@
 //
 // Usage:
 //
-//	addrservice [-addr :8080] [-data DIR] [-log-level info] [-log-format text]
-//	            [-max-body 1048576] [-shutdown-timeout 10s]
+//	addrservice [-addr :8080] [-data DIR | -database-url URL] [-log-level info]
+//	            [-log-format text] [-max-body 1048576] [-shutdown-timeout 10s]
 //
 // Every flag can also be set as ADDRSERVICE_<FLAG>, such as ADDRSERVICE_MAX_BODY;
 // a flag on the command line wins.
@@ -100,6 +100,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 type config struct {
 	addr            string
 	dataDir         string
+	databaseURL     string // see openDatabase
 	logLevel        slog.Level
 	logFormat       string
 	maxBody         int64
@@ -143,6 +144,7 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 	fs.SetOutput(io.Discard) // errors are reported in one line below, not with the usage
 	fs.StringVar(&cfg.addr, "addr", ":8080", "listen `address`, host:port")
 	fs.StringVar(&cfg.dataDir, "data", "", "keep entries under `DIR`; empty keeps them in memory only")
+	fs.StringVar(&cfg.databaseURL, "database-url", "", "keep entries in the PostgreSQL database at `URL` (postgres://user:password@host/db); needs postgres.go, see the README")
 	fs.Func("log-level", "log `level`: debug, info, warn or error (default info)", func(s string) error {
 		levels := map[string]slog.Level{"debug": slog.LevelDebug, "info": slog.LevelInfo, "warn": slog.LevelWarn, "error": slog.LevelError}
 		level, ok := levels[s]
@@ -221,6 +223,13 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 	if _, _, err := net.SplitHostPort(cfg.addr); err != nil {
 		return cfg, &usageError{fmt.Sprintf("invalid value %q for -addr (or ADDRSERVICE_ADDR): must be host:port, such as :8080", cfg.addr)}
 	}
+	// The URL is never quoted back: it may hold a password.
+	if cfg.databaseURL != "" && cfg.dataDir != "" {
+		return cfg, &usageError{"-data and -database-url (or their ADDRSERVICE_ variables) choose two different stores: set one"}
+	}
+	if cfg.databaseURL != "" && openDatabase == nil {
+		return cfg, &usageError{"-database-url (or ADDRSERVICE_DATABASE_URL) is set, but this build has no PostgreSQL store: copy testdata/postgres/postgres.go beside main.go as the README says (Outgrowing one machine)"}
+	}
 	if cfg.maxBodyMemory <= cfg.maxBody {
 		return cfg, &usageError{fmt.Sprintf("-max-body-memory (%d) must be larger than -max-body (%d), or no body of the largest size could ever be read", cfg.maxBodyMemory, cfg.maxBody)}
 	}
@@ -273,7 +282,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	// adds it to stores, which readiness checks and every return closes.
 	var stores []Store
 	defer func() { closeStores(stores) }() // a second Close is harmless
-	entryStore, err := openStore(cfg, log, "addresses", storedRecord(ParseEntry))
+	entryStore, err := openStore(ctx, cfg, log, "addresses", storedRecord(ParseEntry))
 	if err != nil {
 		return err
 	}
@@ -437,12 +446,22 @@ func gcPercentFor(live uint64) int {
 	return int(min(max(headroom*100/max(live, 1), 25), 100))
 }
 
-// openStore opens the store of one resource as the configuration asks: in
-// memory, or in a directory under -data, checking each file with load. The
-// address book keeps DIR itself, as it always has; any other resource gets
-// DIR/<resource>.
-func openStore(cfg config, log *slog.Logger, resource string, load func([]byte) (Record, error)) (Store, error) {
-	if cfg.dataDir == "" {
+// openDatabase opens the database store of one resource, in its own table.
+// It is nil unless a file that provides a database store, such as
+// testdata/postgres/postgres.go copied beside this one, sets it in its init:
+// so the service needs no driver, and no other file changes, until one is
+// wanted.
+var openDatabase func(ctx context.Context, url, table string) (Store, error)
+
+// openStore opens the store of one resource as the configuration asks: in a
+// database (a table named resource), in a directory under -data (checking
+// each file with load), or in memory. The address book keeps DIR itself, as
+// it always has; any other resource gets DIR/<resource>.
+func openStore(ctx context.Context, cfg config, log *slog.Logger, resource string, load func([]byte) (Record, error)) (Store, error) {
+	switch {
+	case cfg.databaseURL != "":
+		return openDatabase(ctx, cfg.databaseURL, resource)
+	case cfg.dataDir == "":
 		return NewMapStore(cfg.maxStoreBytes), nil
 	}
 	dir := cfg.dataDir

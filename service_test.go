@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // validEntry is a small entry that passes every rule; cases change one thing.
@@ -1354,6 +1355,262 @@ func BenchmarkParseEntry(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			NewRecord(e)
+		}
+	})
+}
+
+// ---- the store contract -----------------------------------------------------------
+
+func TestMemoryStoreContract(t *testing.T) {
+	testStoreContract(t, func(*testing.T) Store { return NewMapStore(0) })
+}
+
+func TestDiskStoreContract(t *testing.T) {
+	testStoreContract(t, func(t *testing.T) Store { return openTestStore(t, t.TempDir()) })
+}
+
+// testStoreContract checks every rule of the Store interface. open returns a
+// fresh, empty store for each subtest and closes it when the subtest ends. A
+// store of your own is tested by one line like TestMemoryStoreContract's.
+func testStoreContract(t *testing.T, open func(t *testing.T) Store) {
+	ctx := context.Background()
+	var ids idGenerator
+	insert := func(t *testing.T, s Store, id ID, r Record) {
+		t.Helper()
+		if err := s.Insert(ctx, id, r); err != nil {
+			t.Fatalf("Insert: %v", err)
+		}
+	}
+	// holds checks that Get finds r under id, or ErrNotFound when r is nil.
+	holds := func(t *testing.T, s Store, id ID, r *Record) {
+		t.Helper()
+		got, err := s.Get(ctx, id)
+		switch {
+		case r == nil && !errors.Is(err, ErrNotFound):
+			t.Errorf("Get = %s, %v; want ErrNotFound", got.JSON, err)
+		case r != nil && (err != nil || !bytes.Equal(got.JSON, r.JSON) || got.Version != r.Version):
+			t.Errorf("Get = %s %s, %v; want %s %s", got.JSON, got.Version, err, r.JSON, r.Version)
+		}
+	}
+
+	t.Run("insert then get, JSON byte for byte", func(t *testing.T) {
+		s := open(t)
+		// Spacing, key order and escapes a jsonb column or a re-encoding would change.
+		odd := Record{JSON: []byte(`{"full_name": "Zoë \u00fc 山田",  "emails":[] , "addresses":[{"kind":"home"}]}`), Version: Version{0xff, 1}}
+		a, b := ids.next(), ids.next()
+		insert(t, s, a, odd)
+		holds(t, s, a, &odd)
+		holds(t, s, b, nil)
+	})
+
+	// Replace and Delete share the rules of ifMatch.
+	stale := Version{0xde, 0xad}.String()
+	preconditions := []struct {
+		name    string
+		ifMatch func(current Version) []string
+		holds   bool
+	}{
+		{"none", func(Version) []string { return nil }, true},
+		{"*", func(Version) []string { return []string{"*"} }, true},
+		{"the current version", func(v Version) []string { return []string{v.String()} }, true},
+		{"a list holding the current version", func(v Version) []string { return []string{stale, "junk", v.String()} }, true},
+		{"a stale version", func(Version) []string { return []string{stale} }, false},
+		{"a list of stale versions", func(Version) []string { return []string{stale, Version{1}.String()} }, false},
+		{"an empty list", func(Version) []string { return []string{} }, false},
+		{"the current version in capitals", func(v Version) []string { return []string{strings.ToUpper(v.String())} }, false},
+		{"a tag that is not a version", func(Version) []string { return []string{"not-a-version"} }, false},
+	}
+	for _, op := range []string{"replace", "delete"} {
+		t.Run(op, func(t *testing.T) {
+			s := open(t)
+			change := func(t *testing.T, id ID, ifMatch []string) (Record, error) {
+				if op == "delete" {
+					return Record{}, s.Delete(ctx, id, ifMatch)
+				}
+				next := record(t, "replaced "+id.String())
+				return next, s.Replace(ctx, id, next, ifMatch)
+			}
+			for _, tt := range preconditions {
+				t.Run(tt.name, func(t *testing.T) {
+					id, old := ids.next(), record(t, "old")
+					insert(t, s, id, old)
+					next, err := change(t, id, tt.ifMatch(old.Version))
+					switch {
+					case !tt.holds:
+						if !errors.Is(err, ErrPreconditionFailed) {
+							t.Errorf("got %v, want ErrPreconditionFailed", err)
+						}
+						holds(t, s, id, &old)
+					case err != nil:
+						t.Errorf("got %v, want success", err)
+					case op == "delete":
+						holds(t, s, id, nil)
+					default:
+						holds(t, s, id, &next)
+					}
+					// A missing entry is not found, whatever the precondition.
+					if _, err := change(t, ids.next(), tt.ifMatch(old.Version)); !errors.Is(err, ErrNotFound) {
+						t.Errorf("on a missing entry: got %v, want ErrNotFound", err)
+					}
+				})
+			}
+		})
+	}
+
+	t.Run("list in id order, in pages, across deletes", func(t *testing.T) {
+		s := open(t)
+		// list walks the book from after in pages of limit and checks that it
+		// finds want; each page but the last must be full and say more remain.
+		list := func(t *testing.T, after ID, limit int, want []ID) {
+			t.Helper()
+			var got []ID
+			for pages := 0; ; pages++ {
+				items, more, err := s.List(ctx, after, limit)
+				if err != nil {
+					t.Fatalf("List: %v", err)
+				}
+				for _, it := range items {
+					got = append(got, it.ID)
+					if wantRec := record(t, it.ID.String()); !bytes.Equal(it.JSON, wantRec.JSON) || it.Version != wantRec.Version {
+						t.Fatalf("item %s holds %s %s, want %s %s", it.ID, it.JSON, it.Version, wantRec.JSON, wantRec.Version)
+					}
+				}
+				if more != (len(got) < len(want)) || (more && len(items) != limit) {
+					t.Fatalf("page %d after %s: %d items, more=%v; %d of %d ids seen", pages, after, len(items), more, len(got), len(want))
+				}
+				if !more {
+					break
+				}
+				after = items[len(items)-1].ID
+			}
+			if !slices.Equal(got, want) {
+				t.Errorf("got ids %v, want %v", got, want)
+			}
+		}
+		list(t, ID{}, 5, nil)
+
+		book := make([]ID, 21)
+		for i := range book {
+			book[i] = ids.next()
+		}
+		// Ids can reach a store out of order (instances with their own clocks).
+		for _, i := range rand.New(rand.NewPCG(3, 4)).Perm(len(book)) {
+			insert(t, s, book[i], record(t, book[i].String()))
+		}
+		for _, limit := range []int{1, 5, 7, 21, 1000} { // 7 and 21 end on a full page
+			list(t, ID{}, limit, book)
+		}
+		list(t, book[9], 4, book[10:])
+		list(t, book[20], 3, nil)
+
+		for _, i := range []int{20, 10, 9, 3, 0} { // from the end, so indexes stay put
+			if err := s.Delete(ctx, book[i], nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+		live := slices.Concat(book[1:3], book[4:9], book[11:20])
+		list(t, ID{}, 4, live)
+		list(t, book[9], 2, book[11:20]) // after an id that is gone
+		list(t, book[19], 5, nil)        // the last live entry; the one after it is gone
+	})
+
+	t.Run("concurrent conditional changes have one winner per version", func(t *testing.T) {
+		s := open(t)
+		id, cur := ids.next(), record(t, "round 0")
+		insert(t, s, id, cur)
+		const writers = 32
+		// race has every writer change the entry with If-Match of the current
+		// version, at once, and returns the one writer that won and what each
+		// wrote. With deleting, odd writers delete instead.
+		race := func(round int, deleting bool) (winner int, recs []Record) {
+			t.Helper()
+			recs = make([]Record, writers)
+			errs := make([]error, writers)
+			var ready atomic.Int32
+			var start atomic.Bool
+			var wg sync.WaitGroup
+			for w := range writers {
+				recs[w] = record(t, fmt.Sprint("round ", round, " writer ", w))
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					// Spin until the last writer is ready, so that writers
+					// start within nanoseconds of each other on every core
+					// (waking from a channel takes microseconds, longer than
+					// a check-then-write race in memory lasts). The spinners
+					// yield now and then so that all of them get to run.
+					if ready.Add(1) == writers {
+						start.Store(true)
+					}
+					for i := 0; !start.Load(); i++ {
+						if i%100 == 99 {
+							runtime.Gosched()
+						}
+					}
+					if deleting && w%2 == 1 {
+						errs[w] = s.Delete(ctx, id, []string{cur.Version.String()})
+					} else {
+						errs[w] = s.Replace(ctx, id, recs[w], []string{cur.Version.String()})
+					}
+				}()
+			}
+			wg.Wait()
+			winner = -1
+			for w, err := range errs {
+				switch {
+				case err == nil && winner >= 0:
+					t.Fatalf("round %d: writers %d and %d both changed version %s", round, winner, w, cur.Version)
+				case err == nil:
+					winner = w
+				case errors.Is(err, ErrPreconditionFailed), deleting && errors.Is(err, ErrNotFound):
+				default:
+					t.Fatalf("round %d: writer %d: %v", round, w, err)
+				}
+			}
+			if winner < 0 {
+				t.Fatalf("round %d: no writer changed version %s", round, cur.Version)
+			}
+			return winner, recs
+		}
+		// A store that checks the version, then writes without holding a lock
+		// across both, lets two writers through only when they meet between
+		// its check and its write: a window as wide as a round trip or an
+		// fsync for a database or a disk, but a fraction of a microsecond in
+		// memory. So a fast store gets as many rounds as fit in a quarter of
+		// a second, a slow one at least 16.
+		begin := time.Now()
+		for round := 1; round <= 16 || time.Since(begin) < 250*time.Millisecond; round++ {
+			w, recs := race(round, false)
+			cur = recs[w]
+			holds(t, s, id, &cur)
+		}
+		// Deletes race replaces last, since a delete may win.
+		w, recs := race(0, true)
+		if w%2 == 1 {
+			holds(t, s, id, nil)
+		} else {
+			holds(t, s, id, &recs[w])
+		}
+	})
+
+	t.Run("close", func(t *testing.T) {
+		s := open(t)
+		id, r := ids.next(), record(t, "kept")
+		insert(t, s, id, r)
+		if err := s.Close(); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+		if err := s.Close(); err != nil {
+			t.Errorf("a second Close: %v, want nil", err)
+		}
+		if err := s.Insert(ctx, ids.next(), r); err == nil {
+			t.Error("Insert after Close succeeded")
+		}
+		if err := s.Replace(ctx, id, r, nil); err == nil {
+			t.Error("Replace after Close succeeded")
+		}
+		if err := s.Delete(ctx, id, nil); err == nil {
+			t.Error("Delete after Close succeeded")
 		}
 	})
 }
