@@ -124,16 +124,22 @@ check_fuzz() {
 
 # readme_session ADDR runs the README's curl session, the lines between
 # <!-- e2e:begin --> and <!-- e2e:end -->, against the service at ADDR: each
-# curl line that ends in "# expect NNN" must answer NNN; the other lines
+# curl line that ends in "# expect NNN" must answer NNN, and one that ends in
+# "# expect NNN, Name: value" must also send that header; the other lines
 # (variables) run as they are.
 readme_session() {
-	local session line cmd want got failures=0
+	local session line cmd want got out header failures=0
 	session=$(sed -n '/<!-- e2e:begin -->/,/<!-- e2e:end -->/p' README.md | sed "s/localhost:8080/$1/g")
 	[[ -n $session ]] || { echo "README.md has no e2e session"; return 1; }
 	while IFS= read -r line; do
-		if [[ $line =~ ^(curl.*[^ ])\ +#\ expect\ ([0-9]{3}) ]]; then
-			cmd=${BASH_REMATCH[1]} want=${BASH_REMATCH[2]}
-			got=$(eval "$cmd -s -o /dev/null -w '%{http_code}'") || got="curl failed"
+		if [[ $line =~ ^(curl.*[^ ])\ +#\ expect\ ([0-9]{3})(,\ ([A-Za-z-]+:\ [^ ]+))?\ *$ ]]; then
+			cmd=${BASH_REMATCH[1]} want=${BASH_REMATCH[2]} header=${BASH_REMATCH[4]}
+			out=$(eval "$cmd -s -o /dev/null -D - -w '\n%{http_code}'" | tr -d '\r') || out="curl failed"
+			got=${out##*$'\n'}
+			if [[ -n $header ]]; then
+				want+=", $header"
+				grep -qixF "$header" <<<"$out" && got+=", $header"
+			fi
 			if [[ $got == "$want" ]]; then echo "ok   $want  $cmd"; else echo "FAIL $got (want $want)  $cmd"; failures=$((failures + 1)); fi
 		elif [[ $line =~ ^[a-z_]+= ]]; then
 			eval "$line"
@@ -458,6 +464,9 @@ check_postgres() {
 	echo "ok ($((SECONDS - started)) s)"
 }
 
+# cpu_ticks PID prints the CPU time PID has used, user and system, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
 # check_load drives the built binary and a ceiling server (a bare net/http
 # handler writing the same bytes, from the test binary) with wrk, the server
 # on one core with GOMAXPROCS=1 and wrk on the other, and prints req/s, p99
@@ -514,22 +523,31 @@ check_load() {
 		cpid=$!
 		caddr=$(wait_for "$tmp/ceiling.log" 's/^ceiling addr=//p') || { echo "the ceiling did not start"; cat "$tmp/ceiling.log"; return 1; }
 
-		printf '%-8s %4s %12s %10s %12s %10s %7s\n' workload run service p99 ceiling p99 ratio
+		# ratio: service req/s over the ceiling's. cpu: the same in CPU time
+		# the server spent per request (/proc/PID/stat), which a busy or noisy
+		# machine disturbs far less than req/s; compare builds by it.
+		printf '%-8s %4s %12s %10s %12s %10s %7s %9s %9s %6s\n' workload run service p99 ceiling p99 ratio 'µs/req' 'ceil µs' cpu
 		for workload in ${LOAD_WORKLOADS:-get list listgz mixed post}; do
 			for run in $(seq "$runs"); do
-				local line="" ratio_in=()
+				local line="" ratio_in=() cpu_in=() target_pid ticks reqs
 				for target in service ceiling; do
 					local url="http://$addr"
-					[[ $target == ceiling ]] && url="http://$caddr"
+					target_pid=$pid
+					[[ $target == ceiling ]] && url="http://$caddr" target_pid=$cpid
+					ticks=$(cpu_ticks "$target_pid")
 					out=$("${load_cpu[@]}" wrk -t1 -c64 -d"${seconds}s" --latency -s "testdata/load/$workload.lua" "$url")
+					ticks=$(($(cpu_ticks "$target_pid") - ticks))
 					rps=$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")
+					reqs=$(awk '/ requests in / { print $1 }' <<<"$out")
 					p99=$(awk '$1 == "99%" { print $2 }' <<<"$out")
 					non2xx=$(awk '/Non-2xx/ { print $5 }' <<<"$out")
 					[[ -z $non2xx ]] || { echo "$target $workload: $non2xx responses were not 2xx"; return 1; }
 					line+=$(printf ' %12s %10s' "$rps" "$p99")
 					ratio_in+=("$rps")
+					cpu_in+=("$(awk -v t="$ticks" -v n="$reqs" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')")
 				done
-				printf '%-8s %4s%s %7.3f\n' "$workload" "$run" "$line" "$(awk -v s="${ratio_in[0]}" -v c="${ratio_in[1]}" 'BEGIN { print s / c }')"
+				printf '%-8s %4s%s %7.3f %9s %9s %6.3f\n' "$workload" "$run" "$line" "$(awk -v s="${ratio_in[0]}" -v c="${ratio_in[1]}" 'BEGIN { print s / c }')" \
+					"${cpu_in[0]}" "${cpu_in[1]}" "$(awk -v s="${cpu_in[0]}" -v c="${cpu_in[1]}" 'BEGIN { print c / s }')"
 			done
 		done
 		kill "$pid" "$cpid"

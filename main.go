@@ -10,13 +10,14 @@
 //	PUT    /addresses/{id}   replace an entry: 204, If-Match
 //	DELETE /addresses/{id}   delete an entry: 204, If-Match
 //	GET    /healthz          liveness
-//	GET    /readyz           readiness: 503 once shutdown has begun
+//	GET    /readyz           readiness: 503 while shutting down or while the store refuses writes
 //	GET    /openapi.json     this API's OpenAPI 3.1 description
 //
 // Usage:
 //
 //	addrservice [-addr :8080] [-data DIR | -database-url URL] [-log-level info]
-//	            [-log-format text] [-max-body 1048576] [-shutdown-timeout 10s]
+//	            [-log-format text] [-max-body 1MiB] [-max-body-memory 64MiB]
+//	            [-max-store-bytes 128MiB] [-max-conns 4096] [-shutdown-timeout 10s]
 //
 // Every flag can also be set as ADDRSERVICE_<FLAG>, such as ADDRSERVICE_MAX_BODY;
 // a flag on the command line wins.
