@@ -4,7 +4,6 @@ package main
 // operations on it. It knows nothing of HTTP; handlers.go translates.
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -15,7 +14,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/mail"
-	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -688,17 +686,7 @@ const (
 // parseJSON parses exactly one JSON value (RFC 8259) of valid UTF-8, refusing
 // lone UTF-16 surrogates and nesting deeper than maxJSONDepth.
 func parseJSON(data []byte) (jsonValue, error) {
-	p := parsers.Get().(*jsonParser)
-	defer func() {
-		clear(p.members[:cap(p.members)]) // drop references into the parsed body
-		clear(p.items[:cap(p.items)])
-		p.data, p.members, p.items = nil, p.members[:0], p.items[:0]
-		if cap(p.scratch) > 64<<10 { // let a rare huge string's buffer go
-			p.scratch = nil
-		}
-		parsers.Put(p)
-	}()
-	p.data, p.pos, p.values = data, 0, 0
+	p := &jsonParser{data: data}
 	p.space()
 	if p.pos == len(data) {
 		return jsonValue{}, invalid("the body is empty; it must be a JSON object")
@@ -714,9 +702,6 @@ func parseJSON(data []byte) (jsonValue, error) {
 	return v, nil
 }
 
-// parsers keeps parsers, with their grown stacks, for the next request.
-var parsers = sync.Pool{New: func() any { return new(jsonParser) }}
-
 type jsonParser struct {
 	data   []byte
 	pos    int
@@ -725,7 +710,6 @@ type jsonParser struct {
 	// that each container allocates once, at its exact size, when it ends.
 	members []jsonMember
 	items   []jsonValue
-	scratch []byte // a string with escapes, decoded
 }
 
 func (p *jsonParser) errorf(what string) error {
@@ -878,35 +862,15 @@ func (p *jsonParser) array(depth int, keep bool) (jsonValue, error) {
 	}
 }
 
-// key parses an object key, reusing the field names the models know so a
-// valid body allocates nothing for its keys. A key longer than any text a
-// field may hold cannot name a field; it is reported by a placeholder.
+// key parses an object key. A key longer than any text a field may hold
+// cannot name a field; it is reported by a placeholder.
 func (p *jsonParser) key(keep bool) (string, error) {
-	start := p.pos + 1
-	if end := bytes.IndexByte(p.data[start:], '"'); end >= 0 {
-		if name, ok := knownKeys[string(p.data[start:start+end])]; ok {
-			p.pos = start + end + 1
-			return name, nil
-		}
-	}
 	s, over, err := p.string(keep)
 	if over {
 		s = fmt.Sprintf("(a key of over %d characters)", maxTextLength)
 	}
 	return s, err
 }
-
-// knownKeys holds the JSON names of every field of the models.
-var knownKeys = func() map[string]string {
-	m := map[string]string{}
-	for _, t := range []reflect.Type{reflect.TypeFor[Entry](), reflect.TypeFor[Address](), reflect.TypeFor[Phone](), reflect.TypeFor[Email]()} {
-		for i := range t.NumField() {
-			name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
-			m[name] = name
-		}
-	}
-	return m
-}()
 
 func (p *jsonParser) number(keep bool) (jsonValue, error) {
 	start := p.pos
@@ -967,13 +931,43 @@ func (p *jsonParser) string(keep bool) (text string, over bool, err error) {
 		}
 		p.pos++
 	}
-	buf := append(p.scratch[:0], p.data[start:p.pos]...)
-	defer func() { p.scratch = buf[:0] }()
+	// Slow path: the text is decoded into buf. Past what any kept text can
+	// be, buf is checked and emptied as it fills, so a long escaped string
+	// costs no more than a short one.
+	var buf []byte
+	spilled := false
+	spill := func() error {
+		cut := len(buf) - utf8.UTFMax
+		for cut > 0 && !utf8.RuneStart(buf[cut]) {
+			cut--
+		}
+		if !utf8.Valid(buf[:cut]) {
+			return invalid("the body is not valid JSON: invalid UTF-8 in a string")
+		}
+		buf, spilled = buf[:copy(buf, buf[cut:])], true
+		return nil
+	}
+	for raw := p.data[start:p.pos]; len(raw) > 0; raw = raw[min(len(raw), 4096):] {
+		if buf = append(buf, raw[:min(len(raw), 4096)]...); len(buf) > 4*maxTextLength {
+			if err := spill(); err != nil {
+				return "", false, err
+			}
+		}
+	}
 	for p.pos < len(p.data) {
+		if len(buf) > 4*maxTextLength {
+			if err := spill(); err != nil {
+				return "", false, err
+			}
+		}
 		c := p.data[p.pos]
 		switch {
 		case c == '"':
 			p.pos++
+			if spilled {
+				_, _, err := p.keepText(buf, false)
+				return "", keep, err
+			}
 			return p.keepText(buf, keep)
 		case c < 0x20:
 			return "", false, p.errorf("unescaped control character in a string")

@@ -241,11 +241,8 @@ func (s *MapStore) Delete(_ context.Context, id ID, ifMatch []string) error {
 func (s *MapStore) write(change func() error) error {
 	s.life.RLock()
 	defer s.life.RUnlock()
-	if s.closed {
-		return errStoreClosed
-	}
-	if broken := s.broken.Load(); broken != nil {
-		return *broken
+	if err := s.refusal(); err != nil {
+		return err
 	}
 	err := change()
 	var uncertain *uncertainWriteError
@@ -308,13 +305,22 @@ var errStoreClosed = errors.New("the store is closed")
 func (s *MapStore) Ready(context.Context) error {
 	s.life.RLock()
 	defer s.life.RUnlock()
+	if err := s.refusal(); err != nil {
+		return err
+	}
+	return s.files.probe()
+}
+
+// refusal returns why the store refuses every write, or nil. The caller
+// holds life.
+func (s *MapStore) refusal() error {
 	if s.closed {
 		return errStoreClosed
 	}
 	if broken := s.broken.Load(); broken != nil {
 		return *broken
 	}
-	return s.files.probe()
+	return nil
 }
 
 // idLocks hands out one mutex per id in use, so writers to one entry queue
