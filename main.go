@@ -319,7 +319,14 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		MaxHeaderBytes:    cfg.timeouts.maxHeader,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	log.Info("starting", "addr", ln.Addr().String(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
+	store := "memory"
+	switch {
+	case cfg.databaseURL != "":
+		store = "database" // never the URL: it may hold a password
+	case cfg.dataDir != "":
+		store = "files"
+	}
+	log.Info("starting", "addr", ln.Addr().String(), "store", store, "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
 		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_store_bytes", cfg.maxStoreBytes,
 		"max_conns", maxConns, "shutdown_timeout", cfg.shutdownTimeout.String())
 
