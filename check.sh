@@ -72,6 +72,12 @@ check_test() {
 	local profile
 	profile=$(mktemp)
 	go test -race -count=1 -timeout=3m -coverprofile="$profile" ./...
+	if [[ -f postgres.go && -z ${ADDRSERVICE_TEST_DATABASE_URL:-} ]]; then
+		# The PostgreSQL store copied in is tested only against a database
+		# (./check.sh postgres, or this variable); its lines do not count here.
+		echo "postgres.go is not counted: set ADDRSERVICE_TEST_DATABASE_URL to test it here"
+		sed -i.bak '/\/postgres\.go:/d' "$profile" && rm -f "$profile.bak"
+	fi
 	local total
 	total=$(go tool cover -func="$profile" | awk '/^total:/ { sub("%", "", $3); print $3 }')
 	rm -f "$profile"
@@ -253,10 +259,12 @@ check_e2e() {
 	status=0; "$bin" -max-body lots >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] || { echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
 
-	echo "a database URL without the PostgreSQL store exits 2 with one line naming the file to copy, not the password"
-	status=0; ADDRSERVICE_DATABASE_URL=postgres://addrservice:s3cret@localhost/addrservice "$bin" >/dev/null 2>"$tmp/err" || status=$?
-	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] && grep -q testdata/postgres/postgres.go "$tmp/err" && ! grep -q s3cret "$tmp/err" ||
-		{ echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
+	if [[ ! -f postgres.go ]]; then # not once a copy has taken the PostgreSQL store in
+		echo "a database URL without the PostgreSQL store exits 2 with one line naming the file to copy, not the password"
+		status=0; ADDRSERVICE_DATABASE_URL=postgres://addrservice:s3cret@localhost/addrservice "$bin" >/dev/null 2>"$tmp/err" || status=$?
+		[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] && grep -q testdata/postgres/postgres.go "$tmp/err" && ! grep -q s3cret "$tmp/err" ||
+			{ echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
+	fi
 
 	echo "a port in use exits 1"
 	e2e_start
@@ -352,7 +360,8 @@ check_postgres() {
 	tmp=$(mktemp -d) pids=() pg_data="" pg_as=() # global, so the EXIT trap can clean up after set -e
 	trap postgres_cleanup EXIT
 	trap 'postgres_cleanup; trap - EXIT RETURN' RETURN
-	local started=$SECONDS src=$tmp/src
+	local started=$SECONDS src=$tmp/src modules
+	modules=$(cat go.mod go.sum 2>/dev/null | cksum) # all the work happens on the copy
 
 	echo "the README's steps, on a copy of the project"
 	mkdir "$src"
@@ -458,8 +467,8 @@ check_postgres() {
 
 	as_pg "$pg_bin/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null
 	pg_data=""
-	if grep -q '^require' go.mod || [[ -e go.sum ]]; then
-		echo "the service's go.mod requires something now:"; cat go.mod; return 1
+	if [[ $(cat go.mod go.sum 2>/dev/null | cksum) != "$modules" ]]; then
+		echo "this check changed the project's go.mod or go.sum; it must work on its copy only"; return 1
 	fi
 	echo "ok ($((SECONDS - started)) s)"
 }
