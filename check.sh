@@ -336,6 +336,9 @@ postgres_bin_dir() {
 # (which that user, unlike the caller's, can surely enter).
 as_pg() { (cd "$tmp/pg" && "${pg_as[@]}" "$@"); }
 
+# module_files prints a checksum of go.mod and go.sum (which may not exist).
+module_files() { cat go.mod go.sum 2>/dev/null | cksum || true; }
+
 # postgres_cleanup stops what check_postgres started and removes what it made.
 postgres_cleanup() {
 	kill -9 ${pids[*]:-} 2>/dev/null || true
@@ -361,7 +364,7 @@ check_postgres() {
 	trap postgres_cleanup EXIT
 	trap 'postgres_cleanup; trap - EXIT RETURN' RETURN
 	local started=$SECONDS src=$tmp/src modules
-	modules=$(cat go.mod go.sum 2>/dev/null | cksum) # all the work happens on the copy
+	modules=$(module_files) # all the work happens on the copy
 
 	echo "the README's steps, on a copy of the project"
 	mkdir "$src"
@@ -467,7 +470,7 @@ check_postgres() {
 
 	as_pg "$pg_bin/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null
 	pg_data=""
-	if [[ $(cat go.mod go.sum 2>/dev/null | cksum) != "$modules" ]]; then
+	if [[ $(module_files) != "$modules" ]]; then
 		echo "this check changed the project's go.mod or go.sum; it must work on its copy only"; return 1
 	fi
 	echo "ok ($((SECONDS - started)) s)"
