@@ -319,14 +319,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		MaxHeaderBytes:    cfg.timeouts.maxHeader,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	store := "memory"
-	switch {
-	case cfg.databaseURL != "":
-		store = "database" // never the URL: it may hold a password
-	case cfg.dataDir != "":
-		store = "files"
-	}
-	log.Info("starting", "addr", ln.Addr().String(), "store", store, "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
+	log.Info("starting", "addr", ln.Addr().String(), "store", cfg.storeKind(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
 		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_store_bytes", cfg.maxStoreBytes,
 		"max_conns", maxConns, "shutdown_timeout", cfg.shutdownTimeout.String())
 
@@ -454,6 +447,19 @@ func gcPercentFor(live uint64) int {
 	return int(min(max(headroom*100/max(live, 1), 25), 100))
 }
 
+// storeKind names the store the configuration asks for: "database",
+// "files" (-data) or "memory". It is what the starting line logs, never the
+// URL, which may hold a password.
+func (c config) storeKind() string {
+	switch {
+	case c.databaseURL != "":
+		return "database"
+	case c.dataDir != "":
+		return "files"
+	}
+	return "memory"
+}
+
 // openDatabase opens the database store of one resource, in its own table.
 // It is nil unless a file that provides a database store, such as
 // testdata/postgres/postgres.go copied beside this one, sets it in its init:
@@ -466,10 +472,10 @@ var openDatabase func(ctx context.Context, url, table string) (Store, error)
 // each file with load), or in memory. The address book keeps DIR itself, as
 // it always has; any other resource gets DIR/<resource>.
 func openStore(ctx context.Context, cfg config, log *slog.Logger, resource string, load func([]byte) (Record, error)) (Store, error) {
-	switch {
-	case cfg.databaseURL != "":
+	switch cfg.storeKind() {
+	case "database":
 		return openDatabase(ctx, cfg.databaseURL, resource)
-	case cfg.dataDir == "":
+	case "memory":
 		return NewMapStore(cfg.maxStoreBytes), nil
 	}
 	dir := cfg.dataDir

@@ -135,10 +135,6 @@ func OpenMapStore(dir string, maxBytes int64, load func([]byte) (Record, error))
 	if err != nil {
 		return nil, err
 	}
-	return newFileStore(files, maxBytes, load)
-}
-
-func newFileStore(files *entryFiles, maxBytes int64, load func([]byte) (Record, error)) (*MapStore, error) {
 	loaded, err := files.load(load)
 	if err != nil {
 		files.close()
