@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"net/url"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -62,7 +63,7 @@ func addRoutes(mux interface{ Handle(string, http.Handler) }, log *slog.Logger, 
 	mux.Handle("PUT /addresses/{id}", handle(log, replaceItem(res.book, ParseEntry, cfg)))
 	mux.Handle("DELETE /addresses/{id}", handle(log, deleteItem(res.book)))
 	mux.Handle("GET /healthz", handle(log, healthz()))
-	mux.Handle("GET /readyz", handle(log, readyz(cfg)))
+	mux.Handle("GET /readyz", handle(log, readyz(log, cfg)))
 	mux.Handle("GET /openapi.json", handle(log, openAPI()))
 }
 
@@ -105,10 +106,7 @@ func createItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg hand
 		if err != nil {
 			return err
 		}
-		h := w.Header()
-		h["Location"] = []string{strings.TrimSuffix(r.URL.Path, "/") + "/" + id.String()}
-		h["ETag"] = []string{etag(rec.Version)}
-		writeBody(w, r, http.StatusCreated, jsonType, rec.JSON)
+		created(w, r, strings.TrimSuffix(r.URL.Path, "/")+"/"+id.String(), rec)
 		return nil
 	}
 }
@@ -135,15 +133,29 @@ func getItem[T any](c *Collection[T]) apiFunc {
 	}
 }
 
+// replaceItem replaces the entry under id; with If-None-Match: * it
+// creates one there instead, under an id the client chose, so a create can
+// be retried without making two.
 func replaceItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg handlerConfig) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
-		id, err := pathID(r)
-		if err != nil {
-			return err
+		id, ok := ParseID(r.PathValue("id"))
+		switch {
+		case !ok && createOnly(r):
+			return &httpError{status: http.StatusBadRequest, detail: "an id chosen by the client must be 32 lowercase hex characters"}
+		case !ok:
+			return ErrNotFound
 		}
 		v, err := readJSON(w, r, cfg, parse)
 		if err != nil {
 			return err
+		}
+		if createOnly(r) {
+			rec, err := c.CreateAt(r.Context(), id, v)
+			if err != nil {
+				return err
+			}
+			created(w, r, r.URL.Path, rec)
+			return nil
 		}
 		rec, err := c.Replace(r.Context(), id, v, ifMatch(r))
 		if err != nil {
@@ -153,6 +165,20 @@ func replaceItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg han
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
+}
+
+// createOnly reports If-None-Match: *, a PUT that may only create.
+func createOnly(r *http.Request) bool {
+	return slices.Contains(entityTags(r.Header.Values("If-None-Match")), "*")
+}
+
+// created answers a create: 201, the new entry's path and ETag, and the
+// entry as stored.
+func created(w http.ResponseWriter, r *http.Request, location string, rec Record) {
+	h := w.Header()
+	h["Location"] = []string{location}
+	h["ETag"] = []string{etag(rec.Version)}
+	writeBody(w, r, http.StatusCreated, jsonType, rec.JSON)
 }
 
 func deleteItem[T any](c *Collection[T]) apiFunc {
@@ -212,14 +238,16 @@ func healthz() apiFunc {
 
 // readyz answers 200 only while the service can do all it promises: not
 // shutting down, and the store taking writes.
-func readyz(cfg handlerConfig) apiFunc {
+func readyz(log *slog.Logger, cfg handlerConfig) apiFunc {
 	body := []byte(`{"status":"ready"}`)
 	return func(w http.ResponseWriter, r *http.Request) error {
 		if !cfg.ready.Load() {
 			return &httpError{status: http.StatusServiceUnavailable, detail: "the server is shutting down"}
 		}
 		if err := cfg.storeReady(r.Context()); err != nil {
-			return &httpError{status: http.StatusServiceUnavailable, detail: "the store cannot take writes: " + err.Error()}
+			// The cause may name a host, a user or a path: the log has it.
+			log.WarnContext(r.Context(), "not ready", "err", err)
+			return &httpError{status: http.StatusServiceUnavailable, detail: "the store cannot take writes now; the service's log says why"}
 		}
 		writeBody(w, r, http.StatusOK, jsonType, body)
 		return nil
@@ -582,11 +610,18 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 		}
 		writeProblem(w, r, httpErr.status, httpErr.detail, nil, 0)
 	case errors.Is(err, ErrNotFound):
-		writeProblem(w, r, http.StatusNotFound, err.Error(), nil, 0)
+		writeProblem(w, r, http.StatusNotFound, ErrNotFound.Error(), nil, 0)
 	case errors.Is(err, ErrPreconditionFailed):
-		writeProblem(w, r, http.StatusPreconditionFailed, err.Error(), nil, 0)
+		writeProblem(w, r, http.StatusPreconditionFailed, ErrPreconditionFailed.Error(), nil, 0)
+	case errors.Is(err, ErrExists):
+		writeProblem(w, r, http.StatusPreconditionFailed, ErrExists.Error(), nil, 0)
 	case errors.Is(err, ErrStoreFull):
-		writeProblem(w, r, http.StatusInsufficientStorage, err.Error(), nil, 0)
+		writeProblem(w, r, http.StatusInsufficientStorage, ErrStoreFull.Error(), nil, 0)
+	case errors.Is(err, ErrUnavailable):
+		// The sentinel's words only: the wrapped cause may name a host.
+		log.WarnContext(r.Context(), "store unavailable", "err", err)
+		w.Header()["Retry-After"] = []string{"1"}
+		writeProblem(w, r, http.StatusServiceUnavailable, ErrUnavailable.Error(), nil, 0)
 	default:
 		log.ErrorContext(r.Context(), "request failed", "err", err)
 		writeProblem(w, r, http.StatusInternalServerError, "the server could not complete the request", nil, 0)

@@ -54,7 +54,7 @@ func newTestServerOn(t *testing.T, store Store) *testServer {
 	log := newLogger(logs, "json", slog.LevelDebug)
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	svc := NewCollection[Entry](store, log)
+	svc := NewCollection[Entry](store, log, time.Second)
 	srv := httptest.NewServer(newHandler(log, resources{book: svc}, testConfig(store, ready)))
 	t.Cleanup(srv.Close)
 	return &testServer{Server: srv, logs: logs, ready: ready}
@@ -63,7 +63,7 @@ func newTestServerOn(t *testing.T, store Store) *testServer {
 // testConfig is the handlers' configuration in tests: a small -max-body, a
 // budget for four such bodies at once.
 func testConfig(store Store, ready *atomic.Bool) handlerConfig {
-	return handlerConfig{maxBody: testMaxBody, bodies: newBodyBudget(4 * (testMaxBody + 1)), ready: ready, storeReady: readiness(store)}
+	return handlerConfig{maxBody: testMaxBody, bodies: newBodyBudget(4 * (testMaxBody + 1)), ready: ready, storeReady: readiness(0, store)}
 }
 
 // syncBuffer is a bytes.Buffer safe for the server's goroutines.
@@ -635,8 +635,9 @@ func TestHealthAndReadiness(t *testing.T) {
 	}
 }
 
-// TestReadinessFollowsTheStore: /readyz is 503, naming the reason, while the
-// store cannot take writes, and 200 again once it can; /healthz stays 200.
+// TestReadinessFollowsTheStore: /readyz is 503 while the store cannot take
+// writes, with the reason in the log and never a path in the answer, and 200
+// again once it can; /healthz stays 200.
 func TestReadinessFollowsTheStore(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "data")
 	store, err := OpenMapStore(dir, 0, storedRecord(ParseEntry))
@@ -652,8 +653,11 @@ func TestReadinessFollowsTheStore(t *testing.T) {
 		return nil, &os.PathError{Op: "open", Path: dir, Err: syscall.EROFS}
 	}
 	p := checkProblem(t, s.do(t, request{method: "GET", path: "/readyz"}), 503, "/readyz")
-	if !strings.Contains(p.Detail, "read-only file system") || strings.Contains(p.Detail, dir) {
-		t.Errorf("detail %q: want the reason, without the path", p.Detail)
+	if !strings.Contains(p.Detail, "cannot take writes") || strings.Contains(p.Detail, dir) {
+		t.Errorf("detail %q: want the service's words, without the path", p.Detail)
+	}
+	if !strings.Contains(s.logs.String(), "read-only file system") {
+		t.Errorf("the log does not say why:\n%s", s.logs.String())
 	}
 	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 {
 		t.Errorf("healthz while the store refuses writes: %d", res.status)
@@ -663,9 +667,9 @@ func TestReadinessFollowsTheStore(t *testing.T) {
 		t.Errorf("readyz once the store takes writes again: %d %s", res.status, res.body)
 	}
 	os.RemoveAll(dir)
-	p = checkProblem(t, s.do(t, request{method: "GET", path: "/readyz"}), 503, "/readyz")
-	if !strings.Contains(p.Detail, "removed") {
-		t.Errorf("detail %q does not say the directory was removed", p.Detail)
+	checkProblem(t, s.do(t, request{method: "GET", path: "/readyz"}), 503, "/readyz")
+	if !strings.Contains(s.logs.String(), "the data directory was removed") {
+		t.Errorf("the log does not say the directory was removed:\n%s", s.logs.String())
 	}
 }
 
@@ -691,6 +695,125 @@ func TestFullStoreIs507(t *testing.T) {
 		t.Fatalf("DELETE: %d", res.status)
 	}
 	s.create(t, entry)
+}
+
+// TestCreateUnderAChosenIDCanBeRetried: PUT with If-None-Match: * creates
+// an entry under the id the client chose, once; sending it again changes
+// nothing and says so, so a client that lost the answer can retry safely.
+func TestCreateUnderAChosenIDCanBeRetried(t *testing.T) {
+	s := newTestServer(t)
+	const id = "0123456789abcdef0123456789abcdef"
+	path := "/addresses/" + id
+	createOnly := map[string]string{"If-None-Match": "*"}
+	res := s.do(t, request{method: "PUT", path: path, body: validEntry, header: createOnly})
+	if res.status != 201 || res.header.Get("Location") != path || res.header.Get("ETag") == "" || string(res.body) != validEntry {
+		t.Fatalf("first PUT: %d, Location %q, ETag %q, body %s", res.status, res.header.Get("Location"), res.header.Get("ETag"), res.body)
+	}
+	etag := res.header.Get("ETag")
+	p := checkProblem(t, s.do(t, request{method: "PUT", path: path, body: `{"full_name":"Someone Else"}`, header: createOnly}), 412, path)
+	if !strings.Contains(p.Detail, "already stored") {
+		t.Errorf("412 detail %q does not say why", p.Detail)
+	}
+	if res := s.do(t, request{method: "GET", path: path}); res.status != 200 || string(res.body) != validEntry || res.header.Get("ETag") != etag {
+		t.Errorf("GET after the retry: %d %s, ETag %s; want the first create's", res.status, res.body, res.header.Get("ETag"))
+	}
+	checkProblem(t, s.do(t, request{method: "PUT", path: "/addresses/NOT-AN-ID", body: validEntry, header: createOnly}), 400, "/addresses/NOT-AN-ID")
+	checkProblem(t, s.do(t, request{method: "PUT", path: "/addresses/fedcba9876543210fedcba9876543210", body: validEntry}), 404, "/addresses/fedcba9876543210fedcba9876543210")
+	checkProblem(t, s.do(t, request{method: "PUT", path: "/addresses/fedcba9876543210fedcba9876543210", body: `{}`, header: createOnly}), 400, "/addresses/fedcba9876543210fedcba9876543210")
+}
+
+// stuckStore is a store whose every call waits until its context ends, as
+// a paused database does.
+type stuckStore struct{ *MapStore }
+
+func (stuckStore) wait(ctx context.Context) error                     { <-ctx.Done(); return ctx.Err() }
+func (s stuckStore) Insert(ctx context.Context, _ ID, _ Record) error { return s.wait(ctx) }
+func (s stuckStore) Get(ctx context.Context, _ ID) (Record, error)    { return Record{}, s.wait(ctx) }
+func (s stuckStore) Replace(ctx context.Context, _ ID, _ Record, _ []string) error {
+	return s.wait(ctx)
+}
+func (s stuckStore) Delete(ctx context.Context, _ ID, _ []string) error { return s.wait(ctx) }
+func (s stuckStore) List(ctx context.Context, _ ID, _ int) ([]Item, bool, error) {
+	return nil, false, s.wait(ctx)
+}
+func (s stuckStore) Ready(ctx context.Context) error { return s.wait(ctx) }
+
+// TestAStoreThatDoesNotAnswerIs503InTime: every store call has the
+// collection's deadline, so a request on a store that hangs ends with a 503
+// problem and Retry-After, not a dropped connection; /readyz answers 503
+// within about a second.
+func TestAStoreThatDoesNotAnswerIs503InTime(t *testing.T) {
+	store := stuckStore{NewMapStore(0)}
+	logs := &syncBuffer{}
+	log := newLogger(logs, "json", slog.LevelDebug)
+	ready := new(atomic.Bool)
+	ready.Store(true)
+	cfg := testConfig(store, ready)
+	cfg.storeReady = readiness(time.Second, store)
+	srv := httptest.NewServer(newHandler(log, resources{book: NewCollection[Entry](store, log, 100*time.Millisecond)}, cfg))
+	t.Cleanup(srv.Close)
+	s := &testServer{Server: srv, logs: logs, ready: ready}
+	const id = "/addresses/0123456789abcdef0123456789abcdef"
+	for _, req := range []request{
+		{method: "POST", path: "/addresses", body: validEntry},
+		{method: "GET", path: "/addresses"},
+		{method: "GET", path: id},
+		{method: "PUT", path: id, body: validEntry},
+		{method: "PUT", path: id, body: validEntry, header: map[string]string{"If-None-Match": "*"}},
+		{method: "DELETE", path: id},
+	} {
+		start := time.Now()
+		res := s.do(t, req)
+		p := checkProblem(t, res, 503, req.path)
+		if took := time.Since(start); took > 2*time.Second {
+			t.Errorf("%s %s took %v with a 100 ms store deadline", req.method, req.path, took)
+		}
+		if res.header.Get("Retry-After") == "" || !strings.Contains(p.Detail, "did not answer") {
+			t.Errorf("%s %s: Retry-After %q, detail %q", req.method, req.path, res.header.Get("Retry-After"), p.Detail)
+		}
+	}
+	start := time.Now()
+	checkProblem(t, s.do(t, request{method: "GET", path: "/readyz"}), 503, "/readyz")
+	if took := time.Since(start); took > 3*time.Second {
+		t.Errorf("/readyz took %v on a store that does not answer", took)
+	}
+}
+
+// countingReady is a store whose readiness checks are counted.
+type countingReady struct {
+	*MapStore
+	checks atomic.Int32
+}
+
+func (s *countingReady) Ready(context.Context) error { s.checks.Add(1); return nil }
+
+// TestReadinessProbesShareOneCheck: a flood of /readyz costs the store one
+// check per interval, not one per probe.
+func TestReadinessProbesShareOneCheck(t *testing.T) {
+	store := &countingReady{MapStore: NewMapStore(0)}
+	check := readiness(time.Hour, store)
+	for range 100 {
+		if err := check(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := store.checks.Load(); n != 1 {
+		t.Errorf("100 probes made %d checks, want 1", n)
+	}
+}
+
+// TestStoredJSONIsNoLargerThanWhatWasSent: <, > and & are kept as sent, not
+// escaped as \u003c, so a record costs what its body did.
+func TestStoredJSONIsNoLargerThanWhatWasSent(t *testing.T) {
+	s := newTestServer(t)
+	body := `{"full_name":"` + strings.Repeat("<&>", 80) + `","addresses":[{"kind":"home","street_name":"A & B","pincode":"<1>","country":"X"}]}`
+	res := s.do(t, request{method: "POST", path: "/addresses", body: body})
+	if res.status != 201 || string(res.body) != body {
+		t.Fatalf("POST: %d, body %d bytes, want 201 and the %d bytes sent:\n%s", res.status, len(res.body), len(body), res.body)
+	}
+	if res := s.do(t, request{method: "GET", path: res.header.Get("Location")}); string(res.body) != body {
+		t.Errorf("GET serves %d bytes, want the %d sent", len(res.body), len(body))
+	}
 }
 
 // TestValidationProblemListsAtMostAHundredErrors: a body of many mistakes
@@ -1000,6 +1123,8 @@ func TestRunRefusesADatabaseURLItCannotUse(t *testing.T) {
 		{"without a database store, by variable", nil, nil, map[string]string{"ADDRSERVICE_DATABASE_URL": secretURL}, "testdata/postgres/postgres.go"},
 		{"beside -data", opened, []string{"-database-url", secretURL, "-data", t.TempDir()}, nil, "-data and -database-url"},
 		{"beside ADDRSERVICE_DATA", opened, []string{"-database-url", secretURL}, map[string]string{"ADDRSERVICE_DATA": t.TempDir()}, "-data and -database-url"},
+		{"beside -max-store-bytes, which it would not honour", opened, []string{"-database-url", secretURL, "-max-store-bytes", "2KiB"}, nil, "-max-store-bytes"},
+		{"beside ADDRSERVICE_MAX_STORE_BYTES", opened, []string{"-database-url", secretURL}, map[string]string{"ADDRSERVICE_MAX_STORE_BYTES": "2KiB"}, "-max-store-bytes"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1047,6 +1172,9 @@ func TestRunOpensTheDatabaseStore(t *testing.T) {
 	if strings.Contains(p.logs.String(), "s3cret") {
 		t.Errorf("the password is in the logs:\n%s", p.logs.String())
 	}
+	if strings.Contains(p.logs.String(), "max_store_bytes") {
+		t.Errorf("the starting line logs -max-store-bytes, which a database store does not honour:\n%s", p.logs.String())
+	}
 
 	openDatabase = func(context.Context, string, string) (Store, error) { return nil, errors.New("connection refused") }
 	var logs, stderr bytes.Buffer
@@ -1062,23 +1190,9 @@ func TestRunHelpPrintsUsage(t *testing.T) {
 	if err := run(context.Background(), []string{"-h"}, func(string) string { return "" }, &logs, &stderr); err != nil {
 		t.Fatalf("run -h = %v, want nil", err)
 	}
-	for _, want := range []string{"-addr", "-data", "-database-url", "-log-level", "-log-format", "-max-body", "-max-body-memory", "-max-store-bytes", "-max-conns", "-shutdown-timeout", "ADDRSERVICE_", "(default 1MiB)", "(default 128MiB)", ":8080", "10s"} {
+	for _, want := range []string{"-addr", "-data", "-database-url", "-log-level", "-log-format", "-max-body", "-max-body-memory", "-max-store-bytes", "-max-conns", "-store-timeout", "-shutdown-timeout", "ADDRSERVICE_", "(default 1MiB)", "(default 128MiB)", ":8080", "10s"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("usage lacks %q:\n%s", want, stderr.String())
-		}
-	}
-}
-
-func TestGCPercentKeepsHeadroomNearConstant(t *testing.T) {
-	tests := []struct {
-		live uint64
-		want int
-	}{
-		{0, 100}, {4 << 20, 100}, {32 << 20, 100}, {64 << 20, 50}, {100 << 20, 32}, {128 << 20, 25}, {8 << 30, 25},
-	}
-	for _, tt := range tests {
-		if got := gcPercentFor(tt.live); got != tt.want {
-			t.Errorf("gcPercentFor(%d MiB) = %d, want %d", tt.live>>20, got, tt.want)
 		}
 	}
 }
@@ -1108,7 +1222,7 @@ func newPanickyServer(t *testing.T, logs io.Writer, format string) *httptest.Ser
 	ready.Store(true)
 	mux := http.NewServeMux()
 	store := NewMapStore(0)
-	addRoutes(mux, log, resources{book: NewCollection[Entry](store, log)}, testConfig(store, ready))
+	addRoutes(mux, log, resources{book: NewCollection[Entry](store, log, time.Second)}, testConfig(store, ready))
 	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) { panic("boom at the handler") })
 	mux.HandleFunc("GET /panic-late", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("partial"))
@@ -2507,7 +2621,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	b.Cleanup(logs.Close)
 	log := newLogger(logs, "text", slog.LevelInfo)
 	store := NewMapStore(0)
-	svc := NewCollection[Entry](store, log)
+	svc := NewCollection[Entry](store, log, time.Second)
 	e, err := ParseEntry(entry)
 	if err != nil {
 		b.Fatal(err)
@@ -2522,7 +2636,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	}
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	book.handler = newHandler(log, resources{book: svc}, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(store)})
+	book.handler = newHandler(log, resources{book: svc}, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(0, store)})
 	return book
 }
 

@@ -17,7 +17,8 @@
 //
 //	addrservice [-addr :8080] [-data DIR | -database-url URL] [-log-level info]
 //	            [-log-format text] [-max-body 1MiB] [-max-body-memory 64MiB]
-//	            [-max-store-bytes 128MiB] [-max-conns 4096] [-shutdown-timeout 10s]
+//	            [-max-store-bytes 128MiB] [-max-conns 4096] [-store-timeout 5s]
+//	            [-shutdown-timeout 10s]
 //
 // Every flag can also be set as ADDRSERVICE_<FLAG>, such as ADDRSERVICE_MAX_BODY;
 // a flag on the command line wins.
@@ -37,8 +38,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/debug"
-	"runtime/metrics"
 	"strconv"
 	"strings"
 	"sync"
@@ -93,7 +92,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	cfg.tuneGC = getenv("GOGC") == "" // an operator's GOGC wins
 	return serve(ctx, cfg, stdout, stderr)
 }
 
@@ -107,10 +105,10 @@ type config struct {
 	maxBody         int64
 	maxBodyMemory   int64 // request bodies held at once, across all requests
 	maxStoreBytes   int64 // the stored entries' JSON, in all
-	maxConns        int   // connections served at once; more wait to be accepted
+	maxConns        int   // connections served at once; idle ones give way to new ones
+	storeTimeout    time.Duration
 	shutdownTimeout time.Duration
 	timeouts        serverTimeouts
-	tuneGC          bool // see tuneGC
 }
 
 // serverTimeouts bound how long a client may hold a connection. They are not
@@ -183,15 +181,19 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 		cfg.maxConns = n
 		return nil
 	})
-	cfg.shutdownTimeout = 10 * time.Second
-	fs.Func("shutdown-timeout", "how long in-flight requests may take to finish after a signal, as a `duration` (default 10s)", func(s string) error {
-		d, err := time.ParseDuration(s)
-		if err != nil || d <= 0 {
-			return errors.New("must be a positive duration such as 10s")
-		}
-		cfg.shutdownTimeout = d
-		return nil
-	})
+	durationFlag := func(name string, p *time.Duration, value time.Duration, usage string) {
+		*p = value
+		fs.Func(name, fmt.Sprintf("%s, as a `duration` (default %s)", usage, value), func(s string) error {
+			d, err := time.ParseDuration(s)
+			if err != nil || d <= 0 {
+				return errors.New("must be a positive duration such as 10s")
+			}
+			*p = d
+			return nil
+		})
+	}
+	durationFlag("store-timeout", &cfg.storeTimeout, 5*time.Second, "how long one call into the store may take before the request gets 503")
+	durationFlag("shutdown-timeout", &cfg.shutdownTimeout, 10*time.Second, "how long in-flight requests may take to finish after a signal")
 
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -217,6 +219,7 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 		if err := fs.Set(f.Name, value); err != nil {
 			envErr = &usageError{fmt.Sprintf("invalid value %q for %s: %v", value, name, err)}
 		}
+		given[f.Name] = true
 	})
 	if envErr != nil {
 		return cfg, envErr
@@ -227,6 +230,9 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 	// The URL is never quoted back: it may hold a password.
 	if cfg.databaseURL != "" && cfg.dataDir != "" {
 		return cfg, &usageError{"-data and -database-url (or their ADDRSERVICE_ variables) choose two different stores: set one"}
+	}
+	if cfg.databaseURL != "" && given["max-store-bytes"] {
+		return cfg, &usageError{"-max-store-bytes (or ADDRSERVICE_MAX_STORE_BYTES) bounds the memory and -data stores; with -database-url the database's size is the database's to limit: unset it"}
 	}
 	if cfg.databaseURL != "" && openDatabase == nil {
 		return cfg, &usageError{"-database-url (or ADDRSERVICE_DATABASE_URL) is set, but this build has no PostgreSQL store: copy testdata/postgres/postgres.go beside main.go as the README says (Outgrowing one machine)"}
@@ -297,20 +303,14 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	maxConns := connectionLimit(cfg.maxConns)
 	ln = newLimitListener(ln, maxConns)
 
-	if cfg.tuneGC {
-		gcCtx, stopGC := context.WithCancel(ctx)
-		defer stopGC()
-		go tuneGC(gcCtx)
-	}
-
 	var ready atomic.Bool
 	ready.Store(true)
 	srv := &http.Server{
-		Handler: newHandler(log, resources{book: NewCollection[Entry](entryStore, log)}, handlerConfig{
+		Handler: newHandler(log, resources{book: NewCollection[Entry](entryStore, log, cfg.storeTimeout)}, handlerConfig{
 			maxBody:    cfg.maxBody,
 			bodies:     newBodyBudget(cfg.maxBodyMemory),
 			ready:      &ready,
-			storeReady: readiness(stores...),
+			storeReady: readiness(time.Second, stores...),
 		}),
 		ReadHeaderTimeout: cfg.timeouts.readHeader,
 		ReadTimeout:       cfg.timeouts.read,
@@ -319,9 +319,13 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		MaxHeaderBytes:    cfg.timeouts.maxHeader,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	log.Info("starting", "addr", ln.Addr().String(), "store", cfg.storeKind(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
-		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_store_bytes", cfg.maxStoreBytes,
-		"max_conns", maxConns, "shutdown_timeout", cfg.shutdownTimeout.String())
+	settings := []any{"addr", ln.Addr().String(), "store", cfg.storeKind(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
+		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_conns", maxConns,
+		"store_timeout", cfg.storeTimeout.String(), "shutdown_timeout", cfg.shutdownTimeout.String()}
+	if cfg.storeKind() != "database" { // a database's size is not limited here
+		settings = append(settings, "max_store_bytes", cfg.maxStoreBytes)
+	}
+	log.Info("starting", settings...)
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
@@ -412,39 +416,6 @@ func (c *limitedConn) Close() error {
 	err := c.Conn.Close()
 	c.release()
 	return err
-}
-
-// tuneGC keeps the heap's headroom for garbage near gcHeadroom rather than
-// proportional to the heap. The stored entries are nearly all of the live
-// heap, and the default GOGC=100 lets the heap grow to twice them between
-// collections; requests make little garbage, so with a large book a
-// collection at +25% costs little CPU and keeps the process near the size of
-// its data. A small book keeps the default, where collections are cheap.
-func tuneGC(ctx context.Context) {
-	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-	current := 100
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		metrics.Read(sample)
-		percent := gcPercentFor(sample[0].Value.Uint64())
-		if percent < current-5 || percent > current+5 {
-			debug.SetGCPercent(percent)
-			current = percent
-		}
-	}
-}
-
-// gcPercentFor returns the GOGC that gives a live heap of live bytes about
-// 32 MiB of headroom, within 25 to 100.
-func gcPercentFor(live uint64) int {
-	const headroom = 32 << 20
-	return int(min(max(headroom*100/max(live, 1), 25), 100))
 }
 
 // storeKind names the store the configuration asks for: "database",

@@ -4,6 +4,7 @@ package main
 // operations on it. It knows nothing of HTTP; handlers.go translates.
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -75,7 +76,7 @@ type IntOrText struct {
 // MarshalJSON writes the value in the form the client sent it.
 func (v IntOrText) MarshalJSON() ([]byte, error) {
 	if v.Text != "" {
-		return json.Marshal(v.Text)
+		return marshalJSON(v.Text)
 	}
 	return strconv.AppendInt(nil, v.Int, 10), nil
 }
@@ -94,6 +95,8 @@ var (
 	ErrNotFound           = errors.New("nothing is stored under this id")
 	ErrPreconditionFailed = errors.New("the stored version has changed since the ETag given in If-Match")
 	ErrStoreFull          = errors.New("the store has reached its size limit; delete something to make room")
+	ErrExists             = errors.New("an entry is already stored under this id")
+	ErrUnavailable        = errors.New("the store did not answer; a change asked for may or may not have been made: read before you retry it")
 )
 
 // InvalidError says the client's input is unusable. Fields lists the fields
@@ -170,26 +173,57 @@ func (g *idGenerator) next() ID {
 // content, and preconditions. The address book is a Collection[Entry]; a
 // second resource is a Collection of its own type and needs nothing new here.
 type Collection[T any] struct {
-	store Store
-	ids   idGenerator
-	log   *slog.Logger
+	store   Store
+	ids     idGenerator
+	log     *slog.Logger
+	timeout time.Duration // for each store call; see call
 }
 
-// NewCollection returns the operations on the resources of type T kept in store.
-func NewCollection[T any](store Store, log *slog.Logger) *Collection[T] {
-	return &Collection[T]{store: store, log: log}
+// NewCollection returns the operations on the resources of type T kept in
+// store, each store call given at most timeout.
+func NewCollection[T any](store Store, log *slog.Logger, timeout time.Duration) *Collection[T] {
+	return &Collection[T]{store: store, log: log, timeout: timeout}
+}
+
+// call is the one way to the store: every call gets the collection's
+// deadline, so a database that hangs costs a request at most the timeout,
+// and a call that runs out of it is ErrUnavailable (503), never a dropped
+// connection. A store that honours its context (a database driver) stops at
+// the deadline; MapStore never waits on anything but its own disk.
+func (c *Collection[T]) call(ctx context.Context, fn func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	err := fn(ctx)
+	if err != nil && errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%w (%w)", ErrUnavailable, err)
+	}
+	return err
 }
 
 // NewRecord turns a valid value into what a store keeps: its JSON, encoded
 // once here and served as is on every read, and a version derived from that
 // JSON, so equal content always has an equal ETag, also after a restart.
 func NewRecord(v any) (Record, error) {
-	data, err := json.Marshal(v)
+	data, err := marshalJSON(v)
 	if err != nil {
 		return Record{}, fmt.Errorf("encoding a record: %w", err)
 	}
 	sum := sha256.Sum256(data)
 	return Record{JSON: data, Version: Version(sum[:16])}, nil
+}
+
+// marshalJSON is json.Marshal without HTML escaping: json.Marshal writes
+// "<" as "\u003c", six bytes for one, so a record could be several times
+// the body that was sent, and -max-body would not bound what it costs the
+// store and every page. This API serves application/json, never HTML.
+func marshalJSON(v any) ([]byte, error) {
+	var b bytes.Buffer
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(b.Bytes(), []byte{'\n'}), nil
 }
 
 // storedRecord returns how a store that persists records checks one it
@@ -206,21 +240,30 @@ func storedRecord[T any](parse func([]byte) (T, error)) func([]byte) (Record, er
 
 // Create stores v under a new id and returns the id and the stored form.
 func (c *Collection[T]) Create(ctx context.Context, v T) (ID, Record, error) {
+	id := c.ids.next()
+	rec, err := c.CreateAt(ctx, id, v)
+	return id, rec, err
+}
+
+// CreateAt stores v under id, an id the client chose, unless something is
+// stored there already (ErrExists). A client that did not hear the answer
+// can send the same create again: it is made once.
+func (c *Collection[T]) CreateAt(ctx context.Context, id ID, v T) (Record, error) {
 	rec, err := NewRecord(v)
 	if err != nil {
-		return ID{}, Record{}, err
+		return Record{}, err
 	}
-	id := c.ids.next()
-	if err := c.store.Insert(ctx, id, rec); err != nil {
-		return ID{}, Record{}, err
+	if err := c.call(ctx, func(ctx context.Context) error { return c.store.Insert(ctx, id, rec) }); err != nil {
+		return Record{}, err
 	}
 	c.log.DebugContext(ctx, "created", "id", id.String())
-	return id, rec, nil
+	return rec, nil
 }
 
 // Get returns the stored form of the record under id.
-func (c *Collection[T]) Get(ctx context.Context, id ID) (Record, error) {
-	return c.store.Get(ctx, id)
+func (c *Collection[T]) Get(ctx context.Context, id ID) (rec Record, err error) {
+	err = c.call(ctx, func(ctx context.Context) error { rec, err = c.store.Get(ctx, id); return err })
+	return rec, err
 }
 
 // Replace swaps the record under id for v when ifMatch allows it (see Store).
@@ -229,7 +272,7 @@ func (c *Collection[T]) Replace(ctx context.Context, id ID, v T, ifMatch []strin
 	if err != nil {
 		return Record{}, err
 	}
-	if err := c.store.Replace(ctx, id, rec, ifMatch); err != nil {
+	if err := c.call(ctx, func(ctx context.Context) error { return c.store.Replace(ctx, id, rec, ifMatch) }); err != nil {
 		return Record{}, err
 	}
 	c.log.DebugContext(ctx, "replaced", "id", id.String())
@@ -238,7 +281,7 @@ func (c *Collection[T]) Replace(ctx context.Context, id ID, v T, ifMatch []strin
 
 // Delete removes the record under id when ifMatch allows it (see Store).
 func (c *Collection[T]) Delete(ctx context.Context, id ID, ifMatch []string) error {
-	if err := c.store.Delete(ctx, id, ifMatch); err != nil {
+	if err := c.call(ctx, func(ctx context.Context) error { return c.store.Delete(ctx, id, ifMatch) }); err != nil {
 		return err
 	}
 	c.log.DebugContext(ctx, "deleted", "id", id.String())
@@ -263,8 +306,12 @@ func (c *Collection[T]) List(ctx context.Context, after ID, limit int) (Page, er
 	if limit < 1 || limit > MaxPageSize {
 		return Page{}, invalid("limit must be between 1 and %d", MaxPageSize)
 	}
-	items, more, err := c.store.List(ctx, after, limit)
-	return Page{Items: items, More: more}, err
+	var page Page
+	err := c.call(ctx, func(ctx context.Context) (err error) {
+		page.Items, page.More, err = c.store.List(ctx, after, limit)
+		return err
+	})
+	return page, err
 }
 
 // ---- decoding and validation ------------------------------------------------

@@ -407,7 +407,7 @@ func TestRecordVersionFollowsContent(t *testing.T) {
 func newTestBook(t testing.TB) (*Collection[Entry], *MapStore) {
 	t.Helper()
 	store := NewMapStore(0)
-	return NewCollection[Entry](store, slog.New(slog.NewTextHandler(io.Discard, nil))), store
+	return NewCollection[Entry](store, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Second), store
 }
 
 func mustCreate(t testing.TB, svc *Collection[Entry], name string) (ID, Record) {
@@ -1197,7 +1197,7 @@ func BenchmarkCreate(b *testing.B) {
 					}
 				}
 				defer store.Close()
-				svc := NewCollection[Entry](store, slog.New(slog.DiscardHandler))
+				svc := NewCollection[Entry](store, slog.New(slog.DiscardHandler), time.Second)
 				ctx := context.Background()
 				create := func() {
 					if _, _, err := svc.Create(ctx, entry); err != nil {
@@ -1401,6 +1401,16 @@ func testStoreContract(t *testing.T, open func(t *testing.T) Store) {
 		insert(t, s, a, odd)
 		holds(t, s, a, &odd)
 		holds(t, s, b, nil)
+	})
+
+	t.Run("insert under an id in use changes nothing", func(t *testing.T) {
+		s := open(t)
+		id, first := ids.next(), record(t, "first")
+		insert(t, s, id, first)
+		if err := s.Insert(ctx, id, record(t, "second")); !errors.Is(err, ErrExists) {
+			t.Errorf("second Insert: %v, want ErrExists", err)
+		}
+		holds(t, s, id, &first)
 	})
 
 	// Replace and Delete share the rules of ifMatch.

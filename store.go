@@ -20,6 +20,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Record is an entry as stored: its JSON, exactly as GET serves it, and a
@@ -56,7 +57,12 @@ type Item struct {
 // matches any existing entry, any other element must equal the version.
 // A missing entry is ErrNotFound whatever the precondition; a precondition
 // that does not hold is ErrPreconditionFailed.
+//
+// Every call gets a context with a deadline (see Collection.call); a store
+// that waits on anything but memory must give up when it passes.
 type Store interface {
+	// Insert stores rec under id, unless something is stored there already:
+	// then it is ErrExists, and the stored record stays as it was.
 	Insert(ctx context.Context, id ID, rec Record) error
 	Get(ctx context.Context, id ID) (Record, error)
 	Replace(ctx context.Context, id ID, rec Record, ifMatch []string) error
@@ -72,18 +78,35 @@ type Store interface {
 // readiness returns a check of every store that has a Ready method. Ready
 // is optional, outside Store: a store that can tell when it cannot take
 // writes (MapStore on a directory, a database that does not answer) says so
-// with Ready(ctx) error, and /readyz reports it.
-func readiness(stores ...Store) func(context.Context) error {
+// with Ready(ctx) error, and /readyz reports it. Each check gets at most
+// readyTimeout, and its answer is reused for reuse: a flood of probes costs
+// the store one check per interval, not one each.
+func readiness(reuse time.Duration, stores ...Store) func(context.Context) error {
+	var mu sync.Mutex // held across a check, so probes at once share it
+	var last error
+	var checked time.Time
 	return func(ctx context.Context) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if !checked.IsZero() && time.Since(checked) < reuse {
+			return last
+		}
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), readyTimeout)
+		defer cancel()
 		var errs []error
 		for _, s := range stores {
 			if r, ok := s.(interface{ Ready(context.Context) error }); ok {
 				errs = append(errs, r.Ready(ctx))
 			}
 		}
-		return errors.Join(errs...)
+		last, checked = errors.Join(errs...), time.Now()
+		return last
 	}
 }
+
+// readyTimeout bounds a readiness check, so /readyz answers within about a
+// second even when a database does not answer at all.
+const readyTimeout = time.Second
 
 func versionMatches(version Version, ifMatch []string) bool {
 	if ifMatch == nil {
@@ -158,10 +181,15 @@ func (s *MapStore) Size() (bytes, limit int64) {
 	return s.bytes, s.maxBytes
 }
 
-// Insert adds a record under a new id.
+// Insert adds a record under an id not in use.
 func (s *MapStore) Insert(_ context.Context, id ID, rec Record) error {
 	defer s.writers.lock(id)()
-	return s.write(func() error { return s.put(id, rec) })
+	return s.write(func() error {
+		if err := s.check(id, nil); !errors.Is(err, ErrNotFound) {
+			return ErrExists
+		}
+		return s.put(id, rec)
+	})
 }
 
 // Get returns the record stored under id.

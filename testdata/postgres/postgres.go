@@ -19,14 +19,18 @@ package main
 // and database/sql's 13 more allocations a query do not show beside it.
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
+	"net"
 	"regexp"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/stdlib"
 )
 
@@ -72,7 +76,7 @@ func statementsFor(table string) statements {
 			id      bytea PRIMARY KEY CHECK (length(id) = 16),
 			body    bytea NOT NULL,
 			version bytea NOT NULL CHECK (length(version) = 16))`,
-		insert:  `INSERT INTO ` + t + ` (id, body, version) VALUES ($1, $2, $3)`,
+		insert:  `INSERT INTO ` + t + ` (id, body, version) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING`,
 		get:     `SELECT body, version FROM ` + t + ` WHERE id = $1`,
 		replace: `UPDATE ` + t + ` SET body = $1, version = $2 WHERE id = $3 AND ($4 OR version = ANY($5))`,
 		delete:  `DELETE FROM ` + t + ` WHERE id = $1 AND ($2 OR version = ANY($3))`,
@@ -144,10 +148,16 @@ func (s *PostgresStore) createTable(ctx context.Context, table string) error {
 	return tx.Commit()
 }
 
-// Insert adds a record under a new id.
+// Insert adds a record under an id not in use.
 func (s *PostgresStore) Insert(ctx context.Context, id ID, rec Record) error {
-	_, err := s.db.ExecContext(ctx, s.sql.insert, id[:], rec.JSON, rec.Version[:])
-	return err
+	res, err := s.db.ExecContext(ctx, s.sql.insert, id[:], rec.JSON, rec.Version[:])
+	if err != nil {
+		return unavailable(err)
+	}
+	if n, err := res.RowsAffected(); err != nil || n == 0 {
+		return cmp.Or(err, ErrExists)
+	}
+	return nil
 }
 
 // Get returns the record stored under id.
@@ -157,7 +167,7 @@ func (s *PostgresStore) Get(ctx context.Context, id ID) (Record, error) {
 	if errors.Is(err, sql.ErrNoRows) {
 		return Record{}, ErrNotFound
 	}
-	return rec, err
+	return rec, unavailable(err)
 }
 
 // Replace swaps the record under id if ifMatch holds.
@@ -201,7 +211,7 @@ func precondition(ifMatch []string) (anyVersion bool, versions [][]byte) {
 // an answer as a failed precondition was.
 func (s *PostgresStore) changed(ctx context.Context, id ID, anyVersion bool, res sql.Result, err error) error {
 	if err != nil {
-		return err
+		return unavailable(err)
 	}
 	if n, err := res.RowsAffected(); err != nil || n == 1 {
 		return err
@@ -211,7 +221,7 @@ func (s *PostgresStore) changed(ctx context.Context, id ID, anyVersion bool, res
 	}
 	var exists bool
 	if err := s.db.QueryRowContext(ctx, s.sql.exists, id[:]).Scan(&exists); err != nil {
-		return err
+		return unavailable(err)
 	}
 	if exists {
 		return ErrPreconditionFailed
@@ -220,16 +230,20 @@ func (s *PostgresStore) changed(ctx context.Context, id ID, anyVersion bool, res
 }
 
 // List returns a page of records in id order. It asks for one row more
-// than the page holds: that row's presence is whether more remain.
+// than the page holds: that row's presence is whether more remain. The
+// rows are copies, held until the page is written, so a page stops early
+// (saying more remain) once it holds maxPageBytes of JSON: a thousand large
+// records would otherwise cost a request a thousand times their size.
 func (s *PostgresStore) List(ctx context.Context, after ID, limit int) ([]Item, bool, error) {
 	rows, err := s.db.QueryContext(ctx, s.sql.list, after[:], limit+1)
 	if err != nil {
-		return nil, false, err
+		return nil, false, unavailable(err)
 	}
 	defer rows.Close()
 	items := make([]Item, 0, min(limit, 128))
+	size := 0
 	for rows.Next() {
-		if len(items) == limit {
+		if len(items) == limit || size >= maxPageBytes {
 			return items, true, nil
 		}
 		var it Item
@@ -237,14 +251,31 @@ func (s *PostgresStore) List(ctx context.Context, after ID, limit int) ([]Item, 
 			return nil, false, err
 		}
 		items = append(items, it)
+		size += len(it.JSON)
 	}
-	return items, false, rows.Err()
+	return items, false, unavailable(rows.Err())
+}
+
+// maxPageBytes bounds the JSON one page of List copies out of the database.
+const maxPageBytes = 1 << 20
+
+// unavailable marks a failure to reach the database, or an answer that did
+// not come before the deadline, as ErrUnavailable: the client gets 503 and
+// Retry-After rather than 500, and the log keeps the details.
+func unavailable(err error) error {
+	var connect *pgconn.ConnectError
+	var network net.Error
+	if errors.As(err, &connect) || errors.As(err, &network) || errors.Is(err, driver.ErrBadConn) ||
+		errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%w (%w)", ErrUnavailable, err)
+	}
+	return err
 }
 
 // Ready reports whether the database answers, for /readyz: an instance that
 // cannot reach it should get no traffic.
 func (s *PostgresStore) Ready(ctx context.Context) error {
-	return s.db.PingContext(ctx)
+	return unavailable(s.db.PingContext(ctx))
 }
 
 // Close closes the store's connections; closing again does nothing.
