@@ -4,7 +4,6 @@ package main
 // headers and middleware. Business rules live in service.go.
 
 import (
-	"bytes"
 	"compress/gzip"
 	"context"
 	"crypto/rand"
@@ -205,25 +204,39 @@ func listItems[T any](c *Collection[T]) apiFunc {
 		if err != nil {
 			return err
 		}
-		buf := getBuffer()
-		defer putBuffer(buf)
-		buf.WriteByte('{')
-		for i, it := range page.Items {
-			if i > 0 {
-				buf.WriteByte(',')
-			}
-			var key [35]byte // "<32 hex>":
-			key[0], key[33], key[34] = '"', '"', ':'
-			hex.Encode(key[1:33], it.ID[:])
-			buf.Write(key[:])
-			buf.Write(it.JSON)
+		// The page is written as it is produced, never held whole: a
+		// client that reads slowly, or not at all, holds the stored JSON it
+		// is being sent, which the store holds anyway, and nothing more.
+		size := 2 + max(len(page.Items)-1, 0) // {}, and the commas
+		for _, it := range page.Items {
+			size += len(`"":`) + 2*len(it.ID) + len(it.JSON)
 		}
-		buf.WriteByte('}')
 		if page.More {
 			last := page.Items[len(page.Items)-1].ID
 			w.Header()["Link"] = []string{fmt.Sprintf(`<%s?limit=%d&after=%s>; rel="next"`, strings.TrimSuffix(r.URL.Path, "/"), limit, last)}
 		}
-		writeBody(w, r, http.StatusOK, jsonType, buf.Bytes())
+		out := startBody(w, r, http.StatusOK, jsonType, size)
+		defer out.Close()
+		key := []byte(`{"00000000000000000000000000000000":`)
+		for i, it := range page.Items {
+			if i > 0 {
+				key[0] = ','
+			}
+			hex.Encode(key[2:34], it.ID[:])
+			if _, err := out.Write(key); err != nil {
+				return nil // the client has gone; the log has the status
+			}
+			out.Write(it.JSON)
+		}
+		end := key[:1] // the key's bytes, reused: a literal would be allocated
+		if len(page.Items) == 0 {
+			end = key[:2]
+			end[0] = '{'
+			end[1] = '}'
+		} else {
+			end[0] = '}'
+		}
+		out.Write(end)
 		return nil
 	}
 }
@@ -506,27 +519,54 @@ var (
 // gzipMinSize is the smallest body worth compressing.
 const gzipMinSize = 1024
 
-// writeBody sets the headers and writes a complete body, gzip-encoded when it
-// is large enough and the client accepts it. Every body goes through here,
-// so headers are always set before WriteHeader.
+// writeBody sets the headers and writes a complete body.
 func writeBody(w http.ResponseWriter, r *http.Request, status int, contentType []string, body []byte) {
+	out := startBody(w, r, status, contentType, len(body))
+	out.Write(body)
+	out.Close()
+}
+
+// startBody sets the headers for a body of size bytes and sends them; the
+// body is then written to what it returns, which must be closed. Every body
+// goes out this way, so headers are always set before WriteHeader, and no
+// response is ever held whole in memory: it goes to the connection as it is
+// written, gzip-encoded (without Content-Length) when it is large enough,
+// the client accepts gzip and one of maxGzipWriters is free.
+func startBody(w http.ResponseWriter, r *http.Request, status int, contentType []string, size int) bodyWriter {
 	h := w.Header()
 	h["Content-Type"] = contentType
 	h["Vary"] = varyEncoding
-	if len(body) >= gzipMinSize && acceptsGzip(r.Header.Values("Accept-Encoding")) {
-		buf := getBuffer()
-		defer putBuffer(buf)
-		zw := gzipWriters.Get().(*gzip.Writer)
-		zw.Reset(buf)
-		zw.Write(body)
-		zw.Close()
-		gzipWriters.Put(zw)
-		body = buf.Bytes()
-		h["Content-Encoding"] = gzipEncoding
+	if size >= gzipMinSize && acceptsGzip(r.Header.Values("Accept-Encoding")) {
+		select {
+		case gzipSlots <- struct{}{}:
+			zw := gzipWriters.Get().(*gzip.Writer)
+			zw.Reset(w)
+			h["Content-Encoding"] = gzipEncoding
+			w.WriteHeader(status)
+			return bodyWriter{zw, zw}
+		default: // all in use, perhaps by slow readers: send it as it is
+		}
 	}
-	h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	h["Content-Length"] = []string{strconv.Itoa(size)}
 	w.WriteHeader(status)
-	w.Write(body)
+	return bodyWriter{w, nil}
+}
+
+// bodyWriter is where a body is written: the connection, or a gzip writer
+// in front of it.
+type bodyWriter struct {
+	io.Writer
+	zw *gzip.Writer
+}
+
+// Close ends a gzip stream and frees its writer for the next response.
+func (b bodyWriter) Close() {
+	if b.zw != nil {
+		b.zw.Close()
+		b.zw.Reset(io.Discard) // holds no connection while pooled
+		gzipWriters.Put(b.zw)
+		<-gzipSlots
+	}
 }
 
 // acceptsGzip reads Accept-Encoding: gzip (or *) with a q-value above zero.
@@ -552,23 +592,19 @@ func acceptsGzip(values []string) bool {
 	return false
 }
 
+// A gzip writer holds about 1.2 MiB (measured: flate's tables) for as long
+// as its client takes to read the response, up to the write timeout, so
+// their number is bounded; past it, responses go out uncompressed. 16 keep
+// both cores of a small machine busy compressing, at most about 19 MiB.
+const maxGzipWriters = 16
+
 var (
+	gzipSlots   = make(chan struct{}, maxGzipWriters)
 	gzipWriters = sync.Pool{New: func() any {
 		zw, _ := gzip.NewWriterLevel(io.Discard, gzip.BestSpeed)
 		return zw
 	}}
-	buffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 )
-
-func getBuffer() *bytes.Buffer { return buffers.Get().(*bytes.Buffer) }
-
-func putBuffer(b *bytes.Buffer) {
-	if b.Cap() > 1<<20 { // let rare huge buffers go
-		return
-	}
-	b.Reset()
-	buffers.Put(b)
-}
 
 // problem is an RFC 9457 problem details body.
 type problem struct {

@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -566,6 +567,61 @@ func TestResponseCompression(t *testing.T) {
 				t.Errorf("body of %d bytes is not the expected JSON", len(body))
 			}
 		})
+	}
+}
+
+// TestSlowReadersHoldNoCopyOfThePage: clients that ask for a large page
+// and read nothing cost the server no copy of it, compressed or not: the
+// page goes to the connection as it is written, from the stored JSON.
+func TestSlowReadersHoldNoCopyOfThePage(t *testing.T) {
+	store := NewMapStore(0)
+	s := newTestServerOn(t, store)
+	// 40 records of 190 KB, put straight into the store (past the test's
+	// -max-body): a 7.6 MB page, far more than the kernel's socket buffers
+	// take in before the server's writes block.
+	big := `{"full_name":"` + strings.Repeat("x", 190<<10) + `"}`
+	var ids idGenerator
+	for range 40 {
+		if err := store.Insert(context.Background(), ids.next(), Record{JSON: []byte(big)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	page := 40 * len(big)
+	heap := func() uint64 {
+		var m runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	before := heap()
+	const readers = 8
+	var conns []net.Conn
+	t.Cleanup(func() { // before the server closes, which waits for their requests
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for i := range readers {
+		c, err := net.Dial("tcp", s.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		encoding := "identity"
+		if i%2 == 1 {
+			encoding = "gzip"
+		}
+		fmt.Fprintf(c, "GET /addresses?limit=1000 HTTP/1.1\r\nHost: x\r\nAccept-Encoding: %s\r\n\r\n", encoding)
+	}
+	time.Sleep(500 * time.Millisecond) // the writes fill the socket buffers, then block
+	grown := int64(heap()) - int64(before)
+	// Each gzip reader holds its writer's tables (about 1.2 MiB); a copy of
+	// the page per reader would be 8 x 7.6 MB.
+	if limit := int64(page); grown > limit {
+		t.Errorf("%d readers of a %d MB page that read nothing grew the heap by %d MB, want under %d MB", readers, page>>20, grown>>20, limit>>20)
+	}
+	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 {
+		t.Errorf("healthz with slow readers: %d", res.status)
 	}
 }
 
