@@ -360,20 +360,23 @@ func readBody(w http.ResponseWriter, r *http.Request, maxBody int64, bodies *bod
 	default:
 		return nil, nil, &httpError{status: http.StatusUnsupportedMediaType, detail: "Content-Encoding must be gzip or absent"}
 	}
-	// The buffer is sized by Content-Length when that is the body's size, so
-	// a typical body is read with one allocation, and its memory is taken
-	// from the budget before any of it is read. Otherwise it doubles as the
-	// body arrives, taking each step from the budget first.
-	size := int64(512)
+	// The buffer grows as the body arrives, each step taken from the budget
+	// before it is allocated, so a request holds at most twice what it has
+	// sent, and firstRead before any of it: a Content-Length promises
+	// nothing, and headers alone cannot reserve the budget. With
+	// Content-Length, the last step is exactly that size, so a body up to
+	// firstRead is read with one allocation.
+	end := maxBody + 1 // +1: room to see the end without growing
 	if _, gzipped := body.(*gzip.Reader); r.ContentLength >= 0 && !gzipped {
-		size = r.ContentLength + 1 // +1: room to see the end without growing
+		end = r.ContentLength + 1
 	}
+	size := min(end, firstRead)
 	held := int64(0)
 	release := func() { bodies.give(held) }
 	var buf []byte
 	for {
 		if len(buf) == cap(buf) {
-			if size = min(size, maxBody+1); !bodies.take(size - held) {
+			if !bodies.take(size - held) {
 				release()
 				return nil, nil, &httpError{status: http.StatusServiceUnavailable, retryAfter: 1,
 					detail: "the server is reading as many request bodies as its memory allows; try again shortly"}
@@ -382,7 +385,7 @@ func readBody(w http.ResponseWriter, r *http.Request, maxBody int64, bodies *bod
 			grown := make([]byte, len(buf), size) // exactly size: what was taken
 			copy(grown, buf)
 			buf = grown
-			size *= 2
+			size = min(2*size, end)
 		}
 		n, err := body.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
@@ -400,6 +403,9 @@ func readBody(w http.ResponseWriter, r *http.Request, maxBody int64, bodies *bod
 	}
 	return buf, release, nil
 }
+
+// firstRead is what a request body may reserve before any of it arrives.
+const firstRead = 4 << 10
 
 // bodyBudget bounds the memory request bodies hold across all requests, so
 // many slow or large uploads at once get a 503 rather than the process's

@@ -925,6 +925,32 @@ func TestContentLengthOverMaxBodyIs413AtOnce(t *testing.T) {
 // TestBodyMemoryBudget: while slow uploads hold the whole budget, a further
 // upload gets 503 with Retry-After at once, and healthz still answers; when
 // the slow ones finish, uploads work again.
+// TestHeadersAloneReserveLittleOfTheBodyBudget: the budget counts bytes
+// that arrived, not bytes a Content-Length promised, so connections that send
+// headers and no body cannot lock out small requests.
+func TestHeadersAloneReserveLittleOfTheBodyBudget(t *testing.T) {
+	const maxBody = 64 << 10
+	store := NewMapStore(0)
+	log := slog.New(slog.DiscardHandler)
+	ready := new(atomic.Bool)
+	ready.Store(true)
+	cfg := handlerConfig{maxBody: maxBody, bodies: newBodyBudget(4 * (maxBody + 1)), ready: ready, storeReady: readiness(0, store)}
+	srv := httptest.NewServer(newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, cfg))
+	t.Cleanup(srv.Close)
+	s := &testServer{Server: srv, logs: &syncBuffer{}, ready: ready}
+	head := fmt.Sprintf("POST /addresses HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", maxBody)
+	// Sixteen promises of the largest body: as reservations, four times the budget.
+	for range 16 {
+		s.dial(t, head, "")
+	}
+	time.Sleep(100 * time.Millisecond) // the server reads their headers
+	for i := range 5 {
+		if res := s.do(t, request{method: "POST", path: "/addresses", body: validEntry}); res.status != 201 {
+			t.Errorf("small POST %d beside header-only connections: %d %s", i, res.status, res.body)
+		}
+	}
+}
+
 func TestBodyMemoryBudget(t *testing.T) {
 	s := newTestServer(t) // budget: four bodies of testMaxBody
 	entry := `{"full_name":"Slow Upload"}`
