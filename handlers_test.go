@@ -1081,6 +1081,74 @@ func (p *program) get(t *testing.T, path string) *http.Response {
 	return res
 }
 
+// TestIdleConnectionsGiveWayAtTheLimit: at -max-conns, a connection kept
+// alive between requests is closed to let a new client in, within a second
+// or two; one in the middle of a request is never cut.
+func TestIdleConnectionsGiveWayAtTheLimit(t *testing.T) {
+	// The idle connection is idle before the limit is reached, or becomes
+	// idle once it has been.
+	for _, idleFirst := range []bool{true, false} {
+		t.Run(fmt.Sprint("idle first: ", idleFirst), func(t *testing.T) {
+			p := startRun(t, map[string]string{"ADDRSERVICE_MAX_CONNS": "3"})
+			dial := func(t *testing.T) (net.Conn, *bufio.Reader) {
+				conn, err := net.Dial("tcp", p.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { conn.Close() })
+				return conn, bufio.NewReader(conn)
+			}
+			// One request, then the connection is kept alive, idle.
+			var idleReader *bufio.Reader
+			keepIdle := func() {
+				idle, r := dial(t)
+				io.WriteString(idle, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+				idle.SetReadDeadline(time.Now().Add(5 * time.Second))
+				res, err := http.ReadResponse(r, nil)
+				if err != nil || res.StatusCode != 200 {
+					t.Fatalf("first request on the idle connection: %v", err)
+				}
+				io.Copy(io.Discard, res.Body)
+				idleReader = r
+			}
+			if idleFirst {
+				keepIdle()
+			}
+			// Two uploads under way: headers and half a body, then they stall.
+			body := validEntry
+			var busy []net.Conn
+			for range 2 {
+				conn, _ := dial(t)
+				fmt.Fprintf(conn, "POST /addresses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:len(body)/2])
+				busy = append(busy, conn)
+			}
+			if !idleFirst {
+				keepIdle()
+			}
+			time.Sleep(100 * time.Millisecond)
+			for i := range 3 { // each new client takes the place of the one before
+				client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: i == 2}}
+				res, err := client.Get("http://" + p.addr + "/healthz")
+				if err != nil {
+					t.Fatalf("new client %d at the limit: %v", i, err)
+				}
+				io.Copy(io.Discard, res.Body)
+				res.Body.Close()
+				client.CloseIdleConnections()
+			}
+			if _, err := idleReader.ReadByte(); err == nil {
+				t.Error("the idle connection was not closed to make room")
+			}
+			for i, conn := range busy {
+				io.WriteString(conn, body[len(body)/2:])
+				if status, _ := readStatus(t, conn); status != 201 {
+					t.Errorf("upload %d, under way at the limit: %d, want 201", i, status)
+				}
+			}
+		})
+	}
+}
+
 // logRecords parses JSON log lines; every line must be one JSON object.
 func logRecords(t *testing.T, logs string) []map[string]any {
 	t.Helper()

@@ -301,7 +301,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		return err
 	}
 	maxConns := connectionLimit(cfg.maxConns)
-	ln = newLimitListener(ln, maxConns)
+	limited := newLimitListener(ln, maxConns)
 
 	var ready atomic.Bool
 	ready.Store(true)
@@ -318,6 +318,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		IdleTimeout:       cfg.timeouts.idle,
 		MaxHeaderBytes:    cfg.timeouts.maxHeader,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		ConnState:         limited.connState,
 	}
 	settings := []any{"addr", ln.Addr().String(), "store", cfg.storeKind(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
 		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_conns", maxConns,
@@ -328,7 +329,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	log.Info("starting", settings...)
 
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	go func() { served <- srv.Serve(limited) }()
 	select {
 	case err := <-served:
 		return err
@@ -375,24 +376,48 @@ func connectionLimit(want int) int {
 // and a margin.
 const descriptorReserve = 128
 
-// limitListener accepts at most max connections at once; the rest wait in
-// the kernel's queue until one closes, costing the process nothing.
+// limitListener accepts at most max connections at once. At the limit, the
+// connection idle the longest (kept alive, between requests) is closed to
+// make room, so clients that open connections and leave them idle cannot
+// lock new ones out; a connection with a request under way is never cut.
+// When none is idle, new connections wait in the kernel's queue, costing the
+// process nothing, and take the place of the first one to become idle.
 type limitListener struct {
 	net.Listener
 	slots     chan struct{}
 	closed    chan struct{}
 	closeOnce sync.Once
+
+	mu      sync.Mutex
+	idle    map[*limitedConn]time.Time // since when each idle connection has waited
+	waiting bool                       // Accept waits for a slot: an idle connection gives way at once
 }
 
 func newLimitListener(ln net.Listener, max int) *limitListener {
-	return &limitListener{Listener: ln, slots: make(chan struct{}, max), closed: make(chan struct{})}
+	return &limitListener{Listener: ln, slots: make(chan struct{}, max), closed: make(chan struct{}), idle: make(map[*limitedConn]time.Time)}
 }
 
 func (l *limitListener) Accept() (net.Conn, error) {
 	select {
 	case l.slots <- struct{}{}:
-	case <-l.closed:
-		return nil, net.ErrClosed
+	default: // at the limit
+		l.setWaiting(true)
+		defer l.setWaiting(false)
+		// Should the one that gave way be taken up again in the moment
+		// it was asked to go, the next one does, a little later.
+		retry := time.NewTicker(250 * time.Millisecond)
+		defer retry.Stop()
+	wait:
+		for {
+			select {
+			case l.slots <- struct{}{}:
+				break wait
+			case <-retry.C:
+				l.setWaiting(true)
+			case <-l.closed:
+				return nil, net.ErrClosed
+			}
+		}
 	}
 	c, err := l.Listener.Accept()
 	if err != nil {
@@ -400,6 +425,49 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
+}
+
+// setWaiting records whether Accept waits for a slot; when it does, the
+// connection idle the longest gives way, which frees one.
+func (l *limitListener) setWaiting(waiting bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.waiting = waiting
+	var oldest *limitedConn
+	for c, since := range l.idle {
+		if oldest == nil || since.Before(l.idle[oldest]) {
+			oldest = c
+		}
+	}
+	if waiting && oldest != nil {
+		// By its read deadline rather than by closing it: the server,
+		// waiting for the next request, then closes it itself. Had a
+		// request just arrived on it, the server has set its own deadline
+		// for it, or its handler finds a body it cannot read and changes
+		// nothing; a request is never cut after it has been acted on.
+		oldest.SetReadDeadline(time.Unix(1, 0))
+		l.idle[oldest] = time.Now() // the next to go is another
+	}
+}
+
+// connState is the server's ConnState hook: it keeps track of which
+// connections are idle, and closes one that becomes idle while Accept
+// waits (in the hook, no request can be under way on it).
+func (l *limitListener) connState(conn net.Conn, state http.ConnState) {
+	c, ok := conn.(*limitedConn)
+	if !ok {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	switch {
+	case state == http.StateIdle && l.waiting:
+		c.Close()
+	case state == http.StateIdle:
+		l.idle[c] = time.Now()
+	default:
+		delete(l.idle, c)
+	}
 }
 
 func (l *limitListener) Close() error {
