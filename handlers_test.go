@@ -1805,6 +1805,33 @@ func (c *crashChild) exitCode(t *testing.T) int {
 	return c.cmd.ProcessState.ExitCode()
 }
 
+// TestALogOutputThatTakesNothingDoesNotHoldTheExit: with stdout a pipe
+// nobody reads, requests go on, and SIGTERM still ends the process at once
+// with status 0, counting on stderr the log lines it could not write.
+func TestALogOutputThatTakesNothingDoesNotHoldTheExit(t *testing.T) {
+	c := startChild(t) // c.out is never read from here on
+	client := &http.Client{Timeout: 5 * time.Second}
+	for i := range 1000 { // about 250 KB of request lines: past any pipe's buffer
+		res, err := client.Get(c.base + "/healthz")
+		if err != nil {
+			t.Fatalf("request %d with the log output full: %v", i, err)
+		}
+		io.Copy(io.Discard, res.Body)
+		res.Body.Close()
+	}
+	start := time.Now()
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	if code := c.exitCode(t); code != 0 {
+		t.Errorf("exit status %d, want 0; stderr: %s", code, c.stderr)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("the exit took %v", took)
+	}
+	if !strings.Contains(c.stderr.String(), "log lines were not written") {
+		t.Errorf("stderr does not count the lost lines: %q", c.stderr)
+	}
+}
+
 // TestSignalsDrain: SIGHUP, like SIGTERM and SIGINT, drains and exits 0 with
 // a stopped line.
 func TestSignalsDrain(t *testing.T) {
@@ -2768,7 +2795,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	}
 	// Logging on, into a file, buffered, as serve sets it up.
 	logs := newLogBuffer(logFile, 100*time.Millisecond)
-	b.Cleanup(logs.Close)
+	b.Cleanup(func() { logs.Close(time.Second) })
 	log := newLogger(logs, "text", slog.LevelInfo)
 	store := NewMapStore(0)
 	svc := NewCollection[Entry](store, log, time.Second)

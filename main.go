@@ -276,10 +276,14 @@ func formatBytes(n int64) string {
 // Logs go to logOut; stderr hears when writing them fails.
 func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	logs := newLogBuffer(logOut, 100*time.Millisecond)
-	defer logs.Close()
+	defer func() {
+		if lost := logs.Close(time.Second); lost > 0 {
+			warn(stderr, fmt.Sprintf("addrservice: %d log lines were not written (the log output failed or took nothing)\n", lost))
+		}
+	}()
 	log := newLogger(logs, cfg.logFormat, cfg.logLevel)
 	logs.onFail = func(err error) {
-		fmt.Fprintf(stderr, "addrservice: writing the log failed (%v); lines are dropped and counted until it works again\n", err)
+		warn(stderr, fmt.Sprintf("addrservice: writing the log failed (%v); lines are dropped and counted until it works again\n", err))
 	}
 	logs.onRecover = func(lost int64) {
 		log.Warn("log output works again; lines written while it failed are lost", "lost_lines", lost)
@@ -588,6 +592,7 @@ type logBuffer struct {
 	buf       []byte
 	out       io.Writer
 	lost      atomic.Int64     // lines dropped: output failed or too far behind
+	writing   atomic.Int64     // lines in the write under way
 	failing   bool             // the last write failed; only the writer goroutine uses it
 	onFail    func(err error)  // when writes start to fail
 	onRecover func(lost int64) // when they work again
@@ -652,8 +657,12 @@ func (b *logBuffer) writeOut(spare *[]byte) {
 		*spare = out
 		return
 	}
-	if _, err := b.out.Write(out); err != nil {
-		b.lost.Add(int64(bytes.Count(out, []byte{'\n'})))
+	lines := int64(bytes.Count(out, []byte{'\n'}))
+	b.writing.Store(lines)
+	_, err := b.out.Write(out)
+	b.writing.Store(0)
+	if err != nil {
+		b.lost.Add(lines)
 		if !b.failing && b.onFail != nil {
 			b.onFail(err)
 		}
@@ -667,8 +676,33 @@ func (b *logBuffer) writeOut(spare *[]byte) {
 	*spare = out
 }
 
-// Close writes out what is queued and stops the writer goroutine.
-func (b *logBuffer) Close() {
+// Close writes out what is queued and stops the writer goroutine, waiting
+// at most wait: a log output that takes nothing (a pipe nobody reads) must
+// not hold the process. It returns the count of lines lost, those still
+// unwritten included.
+func (b *logBuffer) Close(wait time.Duration) int64 {
 	close(b.stop)
-	<-b.done
+	select {
+	case <-b.done:
+	case <-time.After(wait):
+		b.mu.Lock()
+		b.lost.Add(int64(bytes.Count(b.buf, []byte{'\n'})) + b.writing.Load())
+		b.buf = b.buf[:0]
+		b.mu.Unlock()
+	}
+	return b.lost.Load()
+}
+
+// warn writes msg to w, waiting at most a moment: stderr may be the same
+// pipe as a log output that takes nothing.
+func warn(w io.Writer, msg string) {
+	done := make(chan struct{})
+	go func() {
+		io.WriteString(w, msg)
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(100 * time.Millisecond):
+	}
 }
