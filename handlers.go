@@ -73,7 +73,8 @@ func withMiddleware(log *slog.Logger, mux *http.ServeMux) http.Handler {
 	h = problemsFromMux(h)    // the mux's own 404 and 405 as problems
 	h = recoverPanics(log, h) // inside the log, so a panic is logged as a 500
 	h = logRequests(log, h)
-	h = withRequestID(h) // outermost: everything after it sees the id
+	h = withRequestID(h) // everything after it sees the id
+	h = closeAfterTransferEncoding(h)
 	return h
 }
 
@@ -722,6 +723,20 @@ var (
 	requestIDPrefix  = func() uint64 { var b [8]byte; rand.Read(b[:]); return binary.BigEndian.Uint64(b[:]) }()
 	requestIDCounter atomic.Uint64
 )
+
+// closeAfterTransferEncoding closes the connection after answering a
+// request framed by Transfer-Encoding. RFC 9112 (6.1) requires it when the
+// request also had Content-Length, a sign of request smuggling, and net/http
+// drops that header before a handler can see it; this API's clients send
+// Content-Length, so closing after every chunked request costs them nothing.
+func closeAfterTransferEncoding(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if len(r.TransferEncoding) > 0 {
+			w.Header().Set("Connection", "close")
+		}
+		next.ServeHTTP(w, r)
+	})
+}
 
 // statusWriter remembers what was sent, for the request log.
 type statusWriter struct {

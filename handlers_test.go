@@ -910,6 +910,29 @@ func readStatus(t *testing.T, conn net.Conn) (int, http.Header) {
 	return res.StatusCode, res.Header
 }
 
+// TestTransferEncodingWithContentLengthClosesTheConnection: a request with
+// both (RFC 9112, 6.1: possible smuggling) is answered, then its connection
+// is closed; nothing pipelined behind it is served.
+func TestTransferEncodingWithContentLengthClosesTheConnection(t *testing.T) {
+	s := newTestServer(t)
+	chunked := fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(validEntry), validEntry)
+	conn := s.dial(t, "POST /addresses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+		"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"+chunked, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+	r := bufio.NewReader(conn)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	res, err := http.ReadResponse(r, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	if res.StatusCode != 201 || !res.Close {
+		t.Errorf("status %d, Connection: close %v; want 201 and close", res.StatusCode, res.Close)
+	}
+	if res, err := http.ReadResponse(r, nil); err == nil {
+		t.Errorf("the request pipelined behind it was served: %d", res.StatusCode)
+	}
+}
+
 // TestContentLengthOverMaxBodyIs413AtOnce: a declared size over -max-body is
 // refused before any of the body is read, so Expect: 100-continue gets the
 // 413 and never a 100 Continue.

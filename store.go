@@ -448,10 +448,14 @@ func openEntryFiles(dir string, ops fileOps) (*entryFiles, error) {
 	}
 	if err != nil {
 		dirFile.Close()
-		if errors.Is(err, syscall.ELOOP) {
+		advice := "remove it and start again"
+		switch {
+		case errors.Is(err, syscall.ELOOP):
 			err = errors.New("it is a symbolic link")
+		case errors.Is(err, fs.ErrPermission):
+			advice = "give the service's user read and write access to it"
 		}
-		return nil, fmt.Errorf("data directory %s is not usable: %s: %w; remove it and start again", dir, lockPath, err)
+		return nil, fmt.Errorf("data directory %s is not usable: %s: %w; %s", dir, lockPath, err, advice)
 	}
 	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		lock.Close()
