@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/url"
 	"os"
 	"runtime"
@@ -19,6 +20,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/stdlib"
 )
 
 func TestPostgresStoreContract(t *testing.T) {
@@ -296,4 +301,55 @@ func openTestTable(tb testing.TB, url string) (*PostgresStore, string) {
 	}
 	tb.Cleanup(func() { s.Close() })
 	return s, table
+}
+
+// TestPostgresStoreThatCannotBeReachedIsUnavailable: a database that refuses
+// connections, or accepts them and never answers (a paused server), makes
+// every call ErrUnavailable (503) by its deadline, not a 500, and never
+// hangs. It needs no database.
+func TestPostgresStoreThatCannotBeReachedIsUnavailable(t *testing.T) {
+	silent, err := net.Listen("tcp", "127.0.0.1:0") // accepts, never answers
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { silent.Close() })
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+	refusing, _ := net.Listen("tcp", "127.0.0.1:0")
+	refused := refusing.Addr().String()
+	refusing.Close()
+	for name, addr := range map[string]string{"refused": refused, "silent": silent.Addr().String()} {
+		t.Run(name, func(t *testing.T) {
+			cfg, err := pgx.ParseConfig("postgres://addrservice@" + addr + "/addrservice?connect_timeout=30")
+			if err != nil {
+				t.Fatal(err)
+			}
+			db := stdlib.OpenDB(*cfg)
+			t.Cleanup(func() { db.Close() })
+			s := &PostgresStore{db: db, sql: statementsFor("addresses")}
+			calls := map[string]func(ctx context.Context) error{
+				"Ready":  s.Ready,
+				"Insert": func(ctx context.Context) error { return s.Insert(ctx, ID{1}, Record{JSON: []byte(`{}`)}) },
+				"Get":    func(ctx context.Context) error { _, err := s.Get(ctx, ID{1}); return err },
+				"List":   func(ctx context.Context) error { _, _, err := s.List(ctx, ID{}, 10); return err },
+				"Delete": func(ctx context.Context) error { return s.Delete(ctx, ID{1}, nil) },
+			}
+			for op, call := range calls {
+				ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+				start := time.Now()
+				err := call(ctx)
+				cancel()
+				if !errors.Is(err, ErrUnavailable) || time.Since(start) > 3*time.Second {
+					t.Errorf("%s: %v after %v, want ErrUnavailable within the deadline", op, err, time.Since(start))
+				}
+			}
+		})
+	}
 }
