@@ -207,7 +207,7 @@ func BenchmarkPostgresStore(b *testing.B) {
 	for _, store := range stores {
 		for _, clients := range []int{1, 32} {
 			b.Run(fmt.Sprintf("store=%s/get/clients=%d", store.name, clients), func(b *testing.B) {
-				svc := NewCollection[Entry](store.open(b), slog.New(slog.DiscardHandler))
+				svc := NewCollection[Entry](store.open(b), slog.New(slog.DiscardHandler), time.Second)
 				ids := make([]ID, 1000)
 				var wg sync.WaitGroup
 				for w := range 10 { // ten at a time, which PostgreSQL commits together
@@ -233,7 +233,7 @@ func BenchmarkPostgresStore(b *testing.B) {
 		}
 		for _, clients := range []int{1, 32} {
 			b.Run(fmt.Sprintf("store=%s/create/clients=%d", store.name, clients), func(b *testing.B) {
-				svc := NewCollection[Entry](store.open(b), slog.New(slog.DiscardHandler))
+				svc := NewCollection[Entry](store.open(b), slog.New(slog.DiscardHandler), time.Second)
 				perSecond(b, clients, "creates/s", func(int) {
 					if _, _, err := svc.Create(ctx, entry); err != nil {
 						b.Error(err)
