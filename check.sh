@@ -6,6 +6,8 @@
 #                       postgres (when PostgreSQL is installed)
 #   ./check.sh fmt      gofmt check
 #   ./check.sh vet      go vet
+#   ./check.sh cross    go vet (which compiles the tests too) for Linux, macOS
+#                       and Windows, amd64 and arm64
 #   ./check.sh lint     staticcheck, skipped when it is not installed
 #   ./check.sh test     go test -race with coverage; fails below the floor
 #   ./check.sh cover    coverage report as HTML in coverage.html
@@ -54,6 +56,19 @@ check_fmt() {
 check_vet() {
 	step "go vet"
 	go vet ./...
+	echo "ok"
+}
+
+# check_cross compiles the service and its tests (go vet builds both) for
+# the systems `go run .` must work on, so none of them breaks unseen.
+check_cross() {
+	step "cross-compile: go vet for Linux, macOS and Windows, amd64 and arm64"
+	local os arch
+	for os in linux darwin windows; do
+		for arch in amd64 arm64; do
+			GOOS=$os GOARCH=$arch go vet . || { echo "go vet fails for $os/$arch"; return 1; }
+		done
+	done
 	echo "ok"
 }
 
@@ -571,6 +586,7 @@ case "${1:-all}" in
 all)
 	check_fmt
 	check_vet
+	check_cross
 	check_lint
 	check_test
 	check_bench_smoke
@@ -580,9 +596,9 @@ all)
 	check_postgres
 	step "all checks passed"
 	;;
-fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | load) "check_$1" ;;
+fmt | vet | cross | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|recipe|postgres|bench|fuzz|load]" >&2
+	echo "usage: $0 [all|fmt|vet|cross|lint|test|cover|e2e|rename|recipe|postgres|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac

@@ -369,11 +369,11 @@ func closeStores(stores []Store) error {
 // descriptors free whatever the clients do, so the store's writes never
 // fail for lack of one.
 func connectionLimit(want int) int {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur > math.MaxInt32 {
+	files, ok := openFileLimit()
+	if !ok {
 		return want
 	}
-	return max(1, min(want, int(lim.Cur)-descriptorReserve))
+	return max(1, min(want, files-descriptorReserve))
 }
 
 // descriptorReserve is what connections may never use: the store, the log,

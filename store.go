@@ -321,7 +321,10 @@ func (s *MapStore) Close() error {
 	return s.files.close()
 }
 
-var errStoreClosed = errors.New("the store is closed")
+var (
+	errStoreClosed = errors.New("the store is closed")
+	errLocked      = errors.New("locked by another process")
+)
 
 // Ready reports why the store cannot take writes now, or nil: it is closed,
 // a write left the disk uncertain, or its directory is gone or cannot be
@@ -431,6 +434,9 @@ const (
 // refuses a DIR it cannot write, and a .lock that is not a plain file (a
 // planted symlink must not make it create or lock a file elsewhere).
 func openEntryFiles(dir string, ops fileOps) (*entryFiles, error) {
+	if dataDirUnsupported != nil {
+		return nil, dataDirUnsupported
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
@@ -439,7 +445,7 @@ func openEntryFiles(dir string, ops fileOps) (*entryFiles, error) {
 		return nil, fmt.Errorf("data directory %s is not usable: %w", dir, err)
 	}
 	lockPath := filepath.Join(dir, lockName)
-	lock, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
+	lock, err := os.OpenFile(lockPath, os.O_RDWR|os.O_CREATE|noFollow, 0o600)
 	if err == nil {
 		if info, statErr := lock.Stat(); statErr != nil || !info.Mode().IsRegular() {
 			lock.Close()
@@ -457,10 +463,10 @@ func openEntryFiles(dir string, ops fileOps) (*entryFiles, error) {
 		}
 		return nil, fmt.Errorf("data directory %s is not usable: %s: %w; %s", dir, lockPath, err, advice)
 	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := lockFile(lock); err != nil {
 		lock.Close()
 		dirFile.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
+		if errors.Is(err, errLocked) {
 			return nil, fmt.Errorf("data directory %s is in use by another process", dir)
 		}
 		return nil, fmt.Errorf("data directory %s: locking %s: %w", dir, lockName, err)
@@ -620,7 +626,7 @@ func (f *entryFiles) load(load func([]byte) (Record, error)) ([]Item, error) {
 func (f *entryFiles) loadEntry(id ID, load func([]byte) (Record, error)) (Item, error) {
 	// O_NOFOLLOW: a symlink swapped in after the directory was listed is
 	// refused, not followed out of DIR.
-	file, err := os.OpenFile(f.path(id), os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	file, err := os.OpenFile(f.path(id), os.O_RDONLY|noFollow, 0)
 	if err != nil {
 		return Item{}, fmt.Errorf("reading %s: %w", f.path(id), err)
 	}
