@@ -625,6 +625,25 @@ func TestSlowReadersHoldNoCopyOfThePage(t *testing.T) {
 	}
 }
 
+// TestScarceValuesAreBounded: past its limit, a scarce pool says no, so a
+// response does without rather than the process holding one per connection.
+func TestScarceValuesAreBounded(t *testing.T) {
+	made := 0
+	pool := newScarce(2, func() *int { made++; return new(int) })
+	a, okA := pool.get()
+	_, okB := pool.get()
+	if _, ok := pool.get(); !okA || !okB || ok {
+		t.Fatalf("get, get, get = %v, %v, %v; want true, true, false", okA, okB, ok)
+	}
+	pool.put(a)
+	if _, ok := pool.get(); !ok {
+		t.Error("get after a put: false, want true")
+	}
+	if made > 3 {
+		t.Errorf("made %d values for 3 gets", made)
+	}
+}
+
 func TestRequestID(t *testing.T) {
 	s := newTestServer(t)
 	tests := []struct {
