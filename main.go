@@ -317,7 +317,10 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		WriteTimeout:      cfg.timeouts.write,
 		IdleTimeout:       cfg.timeouts.idle,
 		MaxHeaderBytes:    cfg.timeouts.maxHeader,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		// "OPTIONS *" reaches the handler, to be answered as a problem
+		// with an X-Request-ID like every other request.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	log.Info("starting", "addr", ln.Addr().String(), "store", cfg.storeKind(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
 		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_store_bytes", cfg.maxStoreBytes,
