@@ -2445,7 +2445,7 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 	s := newTestServer(t)
 	seen := map[int]bool{}
 	sent := map[string]bool{} // problem details, as "404 no resource at this path"
-	check := func(req request) {
+	check := func(s *testServer, req request) {
 		t.Helper()
 		res := s.do(t, req)
 		seen[res.status] = true
@@ -2526,26 +2526,35 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 		{method: "GET", path: "/openapi.json", header: gzipOK},
 		{method: "HEAD", path: "/openapi.json"},
 	} {
-		check(req)
+		check(s, req)
 	}
 	s.ready.Store(false)
-	check(request{method: "GET", path: "/readyz"})
-	for _, status := range []int{200, 201, 204, 304, 400, 404, 405, 412, 413, 415, 503} {
+	check(s, request{method: "GET", path: "/readyz"})
+
+	// A store on disk with room for almost nothing, whose writes then fail:
+	// the 507, the 500 and the readiness 503 for a store that refuses writes.
+	store, err := OpenMapStore(filepath.Join(t.TempDir(), "data"), 64, storedRecord(ParseEntry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	failing := newTestServerOn(t, store)
+	check(failing, request{method: "POST", path: "/addresses", body: `{"full_name":"` + strings.Repeat("a", 64) + `"}`})
+	store.files.createTemp = func(dir, pattern string) (*os.File, error) {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: syscall.EROFS}
+	}
+	check(failing, request{method: "POST", path: "/addresses", body: `{"full_name":"A"}`})
+	check(failing, request{method: "GET", path: "/readyz"})
+	for _, status := range []int{200, 201, 204, 304, 400, 404, 405, 412, 413, 415, 500, 503, 507} {
 		if !seen[status] {
 			t.Errorf("no request got a %d; the requests above should reach it", status)
 		}
 	}
 
 	// Every problem example's detail is one the server sent above, word for
-	// word, but for the few that need a failing store or a crowd of
-	// uploads: those are listed here as the server words them, and the
-	// tests named beside them reach them.
-	elsewhere := map[string]bool{
-		"500 the server could not complete the request":                                                       true, // TestFailedDiskWriteIsA500
-		"503 the server is reading as many request bodies as its memory allows; try again shortly":            true, // TestBodyMemoryBudget
-		"503 the store cannot take writes: cannot create a file in the data directory: read-only file system": true, // TestReadinessFollowsTheStore
-		"507 " + ErrStoreFull.Error(): true, // TestFullStoreIs507
-	}
+	// word, but the one that needs a crowd of uploads at once, which
+	// TestBodyMemoryBudget reaches.
+	elsewhere := map[string]bool{"503 the server is reading as many request bodies as its memory allows; try again shortly": true}
 	var walk func(at string, node json.RawMessage)
 	walk = func(at string, node json.RawMessage) {
 		m := spec.members(node)
