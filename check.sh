@@ -3,7 +3,7 @@
 #
 #   ./check.sh          everything CI runs: fmt, vet, lint (when staticcheck is
 #                       installed), test (race detector, coverage floor), e2e,
-#                       postgres (when PostgreSQL is installed)
+#                       contract, rename, recipe, postgres (when PostgreSQL is installed)
 #   ./check.sh fmt      gofmt check
 #   ./check.sh vet      go vet
 #   ./check.sh cross    go vet (which compiles the tests too) for Linux, macOS
@@ -12,6 +12,10 @@
 #   ./check.sh test     go test -race with coverage; fails below the floor
 #   ./check.sh cover    coverage report as HTML in coverage.html
 #   ./check.sh e2e      builds the binary, drives it over HTTP, stops it with SIGTERM
+#   ./check.sh contract the built binary against openapi.json: a few hundred requests
+#                       validated by kin-openapi, and a generated Go client running the
+#                       README's session (testdata/contract, a module of its own);
+#                       skipped when the Go module proxy cannot be reached
 #   ./check.sh rename   the README's rename commands on a copy, then its tests
 #   ./check.sh recipe   the README's second resource (/contacts) added to a copy, then its tests
 #   ./check.sh postgres the README's steps to PostgreSQL on a copy of the project and
@@ -287,6 +291,33 @@ check_e2e() {
 	[[ $status == 1 ]] || { echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
 	kill -TERM "$pid"; wait "$pid" || true
 	echo "ok"
+}
+
+# check_contract validates the built binary's answers against openapi.json
+# with libraries nobody on this project wrote, from testdata/contract, a
+# module of its own (so the service's go.mod still requires nothing): it
+# generates the Go client with oapi-codegen, then runs the module's tests
+# with the binary. Without the modules and no proxy to fetch them, it skips.
+check_contract() {
+	step "contract: the built binary against openapi.json (kin-openapi, an oapi-codegen client)"
+	local tmp out
+	tmp=$(mktemp -d)
+	trap 'rm -rf "$tmp"; trap - RETURN' RETURN
+	if ! out=$(cd testdata/contract && go mod download 2>&1); then
+		if grep -qiE 'dial tcp|no such host|connection refused|timeout|proxyconnect|network is unreachable|i/o timeout|lookup disabled' <<<"$out"; then
+			echo "skipped: the Go module proxy cannot be reached ($(tail -n 1 <<<"$out"))"
+			return 0
+		fi
+		echo "$out"
+		return 1
+	fi
+	go build -o "$tmp/addrservice" .
+	(
+		cd testdata/contract
+		go generate . # builds oapi-codegen, the larger part of this step's time when the build cache is cold
+		ADDRSERVICE_BIN=$tmp/addrservice go test -count=1 -v . >"$tmp/test.log" 2>&1 || { cat "$tmp/test.log"; exit 1; }
+		grep -E '^(--- |ok)|requests and answers' "$tmp/test.log"
+	)
 }
 
 # check_rename runs the README's rename commands on a copy of the
@@ -591,14 +622,15 @@ all)
 	check_test
 	check_bench_smoke
 	check_e2e
+	check_contract
 	check_rename
 	check_recipe
 	check_postgres
 	step "all checks passed"
 	;;
-fmt | vet | cross | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | load) "check_$1" ;;
+fmt | vet | cross | lint | test | cover | bench | fuzz | e2e | contract | rename | recipe | postgres | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|cross|lint|test|cover|e2e|rename|recipe|postgres|bench|fuzz|load]" >&2
+	echo "usage: $0 [all|fmt|vet|cross|lint|test|cover|e2e|contract|rename|recipe|postgres|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac

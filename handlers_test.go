@@ -303,6 +303,7 @@ func TestErrorRows(t *testing.T) {
 		{"Content-Type form", request{method: "PUT", path: entry, body: validEntry, header: map[string]string{"Content-Type": "application/x-www-form-urlencoded"}}, 415, false, ""},
 		{"Content-Type JSON in Latin-1", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "application/json; charset=iso-8859-1"}}, 415, false, ""},
 		{"Content-Type malformed", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "application/"}}, 415, false, ""},
+		{"Content-Type a +json type openapi.json cannot list", request{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "application/vnd.addrservice+json"}}, 415, false, ""},
 		{"unknown id", request{method: "GET", path: unknown}, 404, false, ""},
 		{"PUT unknown id", request{method: "PUT", path: unknown, body: validEntry}, 404, false, ""},
 		{"DELETE unknown id", request{method: "DELETE", path: unknown}, 404, false, ""},
@@ -315,6 +316,14 @@ func TestErrorRows(t *testing.T) {
 		{"path below an entry", request{method: "GET", path: entry + "/x"}, 404, false, ""},
 		{"unknown path", request{method: "GET", path: "/nope"}, 404, false, ""},
 		{"root", request{method: "GET", path: "/"}, 404, false, ""},
+		// net/http's path cleaning would redirect these; a redirected POST is sent again.
+		{"doubled slash, not redirected", request{method: "GET", path: "//addresses"}, 404, false, ""},
+		{"doubled slash on POST, not redirected", request{method: "POST", path: "//addresses", body: validEntry}, 404, false, ""},
+		{"dot segment, not redirected", request{method: "GET", path: "/addresses/./" + id}, 404, false, ""},
+		{"dot-dot segment, not redirected", request{method: "GET", path: "/addresses/../healthz"}, 404, false, ""},
+		{"trailing slash on the collection", request{method: "GET", path: "/addresses/"}, 404, false, ""},
+		{"trailing slash on POST", request{method: "POST", path: "/addresses/", body: validEntry}, 404, false, ""},
+		{"doubled trailing slash", request{method: "GET", path: "/addresses//"}, 404, false, ""},
 		{"wrong method on the collection", request{method: "PATCH", path: "/addresses"}, 405, false, "GET, HEAD, POST"},
 		{"wrong method on an entry", request{method: "POST", path: entry, body: validEntry}, 405, false, "DELETE, GET, HEAD, PUT"},
 		{"wrong method on healthz", request{method: "DELETE", path: "/healthz"}, 405, false, "GET, HEAD"},
@@ -373,7 +382,6 @@ func TestAcceptedRequestBodies(t *testing.T) {
 	}{
 		{"no Content-Type", map[string]string{"Content-Type": ""}, validEntry},
 		{"application/json with charset", map[string]string{"Content-Type": "application/json; charset=UTF-8"}, validEntry},
-		{"a +json type", map[string]string{"Content-Type": "application/vnd.addrservice+json"}, validEntry},
 		{"gzip", map[string]string{"Content-Encoding": "gzip"}, gzipped(validEntry)},
 		{"exactly max-body", nil, `{"full_name":"A"}` + strings.Repeat(" ", testMaxBody-17)},
 	}
@@ -429,10 +437,10 @@ func TestListPagination(t *testing.T) {
 		t.Errorf("pages gave\n%v\nwant\n%v", got, ids)
 	}
 
-	// /addresses/ answers as /addresses; after need not exist; the default limit is 100.
-	res := s.do(t, request{method: "GET", path: "/addresses/?after=00000000000000000000000000000000"})
+	// after need not exist; the default limit is 100.
+	res := s.do(t, request{method: "GET", path: "/addresses?after=00000000000000000000000000000000"})
 	if res.status != 200 || strings.Count(string(res.body), `"full_name"`) != 7 || res.header.Get("Link") != "" {
-		t.Errorf("GET /addresses/: %d %s Link %q", res.status, res.body, res.header.Get("Link"))
+		t.Errorf("GET /addresses?after=0…0: %d %s Link %q", res.status, res.body, res.header.Get("Link"))
 	}
 	for i := 7; i < 101; i++ {
 		s.create(t, `{"full_name":"more"}`)
@@ -440,10 +448,6 @@ func TestListPagination(t *testing.T) {
 	res = s.do(t, request{method: "GET", path: "/addresses"})
 	if n := strings.Count(string(res.body), `"full_name"`); n != 100 || !strings.Contains(res.header.Get("Link"), "limit=100&after=") {
 		t.Errorf("default page: %d entries, Link %q", n, res.header.Get("Link"))
-	}
-	res = s.do(t, request{method: "POST", path: "/addresses/", body: validEntry})
-	if res.status != http.StatusCreated {
-		t.Errorf("POST /addresses/: %d", res.status)
 	}
 }
 
@@ -681,7 +685,7 @@ func TestRequestID(t *testing.T) {
 func TestHeadAnswersLikeGet(t *testing.T) {
 	s := newTestServer(t)
 	id, _ := s.create(t, validEntry)
-	for _, path := range []string{"/addresses/" + id, "/addresses", "/addresses/", "/healthz", "/readyz"} {
+	for _, path := range []string{"/addresses/" + id, "/addresses", "/healthz", "/readyz", "/openapi.json"} {
 		get := s.do(t, request{method: "GET", path: path})
 		head := s.do(t, request{method: "HEAD", path: path})
 		if head.status != get.status || len(head.body) != 0 {
@@ -1225,6 +1229,29 @@ func TestRunServesUntilCancelled(t *testing.T) {
 	}
 	if _, err := net.Dial("tcp", p.addr); err == nil {
 		t.Error("still accepting connections after run returned")
+	}
+}
+
+// TestOptionsStarIsAProblem: "OPTIONS *" is answered by the service, as the
+// server run starts it, not by net/http's own handler: a problem with an
+// X-Request-ID, like every other answer.
+func TestOptionsStarIsAProblem(t *testing.T) {
+	p := startRun(t, nil)
+	conn, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprint(conn, "OPTIONS * HTTP/1.1\r\nHost: x\r\nX-Request-ID: opt-1\r\n\r\n")
+	res, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	body, _ := io.ReadAll(res.Body)
+	checkProblem(t, response{status: res.StatusCode, header: res.Header, body: body}, http.StatusNotFound, "*")
+	if id := res.Header.Get("X-Request-ID"); id != "opt-1" {
+		t.Errorf("X-Request-ID %q, want opt-1", id)
 	}
 }
 
@@ -2283,9 +2310,10 @@ func (s apiSpec) examples(media json.RawMessage) map[string][]byte {
 	return out
 }
 
-// muxResponses are the mux's own answers, for a path the route table does
-// not have or a method a path does not take, with their statuses.
-var muxResponses = map[string]int{"UnknownPath": http.StatusNotFound, "MethodNotAllowed": http.StatusMethodNotAllowed}
+// muxResponse is the response every operation gives as its default: it
+// documents the mux's own answers, a 404 for a path the route table does
+// not have and a 405 for a method a path does not take.
+const muxResponse = "Problem"
 
 // routeRecorder keeps the patterns addRoutes registers.
 type routeRecorder []string
@@ -2306,6 +2334,9 @@ func TestOpenAPIPathsAreTheRoutes(t *testing.T) {
 			continue
 		}
 		registered[method+" "+strings.TrimSuffix(path, "{$}")] = true
+		if method == "GET" { // the mux answers HEAD wherever GET is registered
+			registered["HEAD "+path] = true
+		}
 	}
 	spec := readSpec(t)
 	documented := map[string]bool{}
@@ -2388,8 +2419,8 @@ func TestOpenAPILimitsAreTheDecoders(t *testing.T) {
 			}
 			walk(at+"[]", m["items"])
 		case "integer":
-			if spec.number(m["minimum"]) != 1 || spec.text(m["format"]) != "int64" {
-				t.Errorf("openapi.json %s: want minimum 1 and format int64, a positive integer", at)
+			if max := spec.number(m["maximum"]); spec.number(m["minimum"]) != 1 || max < 1 || max > maxInteger || spec.text(m["format"]) != "int64" {
+				t.Errorf("openapi.json %s: want minimum 1, a maximum up to %d and format int64", at, maxInteger)
 			}
 		case "object":
 			if string(m["additionalProperties"]) != "false" {
@@ -2481,6 +2512,46 @@ func TestOpenAPILimitsAreTheDecoders(t *testing.T) {
 		{"the after parameter", spec.at(params, "After", "schema", "pattern"), ids, isID},
 		{"Text", spec.at(schemas, "Text", "pattern"), []string{"Zoë 山田", "", "a\tb", "a\nb", "\x00", "\x7f", "\u0085", "\u009f", "\u00a0", "a\u200bb"},
 			isText},
+	}
+	email := func(v string) bool {
+		b, _ := json.Marshal(v)
+		_, err := ParseEntry([]byte(`{"full_name":"A","emails":[{"kind":"home","email":` + string(b) + `}]}`))
+		return err == nil
+	}
+	// Read beside each $ref, not through it, where the patterns are.
+	emailPath := spec.members(spec.members(spec.at(schemas, "Email", "properties"))["email"])["pattern"]
+	patterns = append(patterns, struct {
+		name    string
+		pattern json.RawMessage
+		samples []string
+		valid   func(string) bool
+	}{"Email.email", emailPath, []string{"ada@example.org", "zoe+post@example.ch", "a.b@c.d.e", "ada@localhost", "a b@example.org",
+		`"a b"@example.org`, "zoë@example.ch", "ada@exämple.ch", "a..b@example.org", ".a@example.org", "a@-b.example", "Ada <ada@example.org>"}, email})
+	if got := spec.text(emailPath); got != emailPattern.String() {
+		t.Errorf("openapi.json Email.email pattern %q, the server's %q", got, emailPattern)
+	}
+	nonBlank := spec.text(spec.members(spec.members(schemas)["NonBlankText"])["pattern"])
+	if want := "[^" + blank + "]"; nonBlank != want {
+		t.Errorf("openapi.json NonBlankText pattern %q, want %q: the server's blank characters", nonBlank, want)
+	}
+	// Each character alone as a name: accepted by the server exactly when
+	// the schema's Text and NonBlankText patterns both match it.
+	text, nonBlankRe := regexp.MustCompile(spec.text(spec.at(schemas, "Text", "pattern"))), regexp.MustCompile(nonBlank)
+	for r := rune(0); r <= 0x10ffff; r++ {
+		if r == 0x3400 {
+			r = 0xfe00 // CJK, Hangul and the surrogates hold no white space
+		}
+		if r == 0x10000 {
+			r = 0x1d400 // a sample of the supplementary planes
+		}
+		if r == 0x1d500 {
+			break
+		}
+		b, _ := json.Marshal(string(r))
+		_, err := ParseEntry([]byte(`{"full_name":` + string(b) + `}`))
+		if schema := text.MatchString(string(r)) && nonBlankRe.MatchString(string(r)); schema != (err == nil) {
+			t.Errorf("full_name %U: the schema accepts it: %v; the server: %v", r, schema, err)
+		}
 	}
 	for _, p := range patterns {
 		re, err := regexp.Compile(spec.text(p.pattern))
@@ -2585,6 +2656,9 @@ func TestOpenAPIExamplesAreReal(t *testing.T) {
 		for code, resp := range responses {
 			status, _ := strconv.Atoi(code)
 			for name, body := range spec.examples(spec.at(resp, "content", "application/problem+json")) {
+				if code == "default" { // any status: the example says which
+					status = int(spec.number(spec.members(body)["status"]))
+				}
 				checkProblemFields(t, spec, fmt.Sprintf("openapi.json %s %s example %q", route, code, name), status, body)
 			}
 			media := spec.at(resp, "content", "application/json")
@@ -2612,12 +2686,6 @@ func TestOpenAPIExamplesAreReal(t *testing.T) {
 			}
 		}
 	})
-	for name, status := range muxResponses {
-		resp := spec.at(spec.doc, "components", "responses", name)
-		for ex, body := range spec.examples(spec.at(resp, "content", "application/problem+json")) {
-			checkProblemFields(t, spec, fmt.Sprintf("openapi.json %s example %q", name, ex), status, body)
-		}
-	}
 }
 
 // pathMatches reports whether path is an instance of the template: each
@@ -2644,6 +2712,10 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 	checkDocumented := func(where string, status int, resp json.RawMessage) {
 		content := spec.members(spec.at(resp, "content"))
 		switch {
+		case strings.HasPrefix(where, "HEAD "):
+			if content != nil {
+				t.Errorf("openapi.json %s: an answer to HEAD has no body", where)
+			}
 		case status < 100 || status > 599 || http.StatusText(status) == "":
 			t.Errorf("openapi.json %s: %d is not an HTTP status", where, status)
 		case status >= 400:
@@ -2667,12 +2739,15 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 			if err != nil || len(code) != 3 {
 				status = 0
 			}
+			if code == "default" { // any status, so a problem
+				status = http.StatusBadRequest
+			}
 			checkDocumented(route+" "+code, status, resp)
 		}
+		if spec.at(op, "responses", "default") == nil {
+			t.Errorf("openapi.json %s: no default response, so a client has no type for the mux's 404 and 405", route)
+		}
 	})
-	for name, status := range muxResponses {
-		checkDocumented(name, status, spec.at(spec.doc, "components", "responses", name))
-	}
 
 	// documented returns the operation that answers method and path, or the
 	// mux's response, and what openapi.json says it answers with status.
@@ -2687,28 +2762,23 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 				}
 			}
 		}
-		if method == "HEAD" {
+		if method == "HEAD" { // GET's operation documents HEAD's headers and Content-Type
 			method = "GET"
 		}
 		op := spec.members(spec.at(paths[template]))[strings.ToLower(method)]
-		mux := ""
 		switch {
-		case template == "":
-			mux = "UnknownPath"
+		case template == "" && status == http.StatusNotFound, template != "" && op == nil && status == http.StatusMethodNotAllowed:
+			return "the mux", spec.at(spec.doc, "components", "responses", muxResponse)
 		case op == nil:
-			mux = "MethodNotAllowed"
-		default:
-			return method + " " + template, spec.at(op, "responses", strconv.Itoa(status))
+			return "the mux", nil
 		}
-		if status != muxResponses[mux] {
-			return mux, nil
-		}
-		return mux, spec.at(spec.doc, "components", "responses", mux)
+		return method + " " + template, spec.at(op, "responses", strconv.Itoa(status))
 	}
 	headers := []string{"ETag", "Location", "Link", "X-Request-ID", "Vary", "Content-Encoding", "Allow", "Retry-After"}
 	s := newTestServer(t)
 	seen := map[int]bool{}
-	check := func(req request) {
+	sent := map[string]bool{} // problem details, as "404 no resource at this path"
+	check := func(s *testServer, req request) {
 		t.Helper()
 		res := s.do(t, req)
 		seen[res.status] = true
@@ -2738,6 +2808,10 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 		}
 		if ct == "application/problem+json" {
 			checkProblemFields(t, spec, where, res.status, res.body)
+			detail := spec.text(spec.members(res.body)["detail"])
+			// The examples show the default -max-body, the test server a smaller one.
+			detail = strings.Replace(detail, strconv.Itoa(testMaxBody)+" bytes", strconv.Itoa(1<<20)+" bytes", 1)
+			sent[fmt.Sprintf("%d %s", res.status, detail)] = true
 		}
 	}
 
@@ -2749,16 +2823,17 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 	gzipOK := map[string]string{"Accept-Encoding": "gzip"}
 	for _, req := range []request{
 		{method: "POST", path: "/addresses", body: validEntry},
-		{method: "POST", path: "/addresses/", body: validEntry},
 		{method: "POST", path: "/addresses", body: `{"full_name":"","emails":[{"kind":"x"}]}`},
+		{method: "POST", path: "/addresses", body: `{"full_name":"A","phone_numbers":[{}` + strings.Repeat(",{}", 49) + `]}`},
+		{method: "POST", path: "/addresses", body: `{"full_name":"Ada"`},
 		{method: "POST", path: "/addresses", body: `{"full_name":"` + strings.Repeat("a", testMaxBody) + `"}`},
 		{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Type": "text/plain"}},
 		{method: "POST", path: "/addresses", body: validEntry, header: map[string]string{"Content-Encoding": "br"}},
 		{method: "GET", path: "/addresses?limit=1"},
-		{method: "GET", path: "/addresses/", header: gzipOK},
+		{method: "GET", path: "/addresses", header: gzipOK},
 		{method: "HEAD", path: "/addresses"},
 		{method: "GET", path: "/addresses?limit=0"},
-		{method: "GET", path: "/addresses/?after=xyz"},
+		{method: "GET", path: "/addresses?after=xyz"},
 		{method: "GET", path: entry},
 		{method: "HEAD", path: entry},
 		{method: "GET", path: entry, header: map[string]string{"If-None-Match": tag}},
@@ -2778,20 +2853,61 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 		{method: "DELETE", path: "/healthz"},
 		{method: "GET", path: "/nope"},
 		{method: "GET", path: entry + "/x"},
+		{method: "POST", path: "//addresses", body: validEntry},
+		{method: "GET", path: "/addresses/./" + id},
+		{method: "GET", path: "/addresses/"},
+		{method: "POST", path: "/addresses", body: `{"full_name":"A"}`, header: map[string]string{"Content-Type": "", "Content-Encoding": "gzip"}},
 		{method: "GET", path: "/healthz"},
 		{method: "GET", path: "/readyz"},
 		{method: "GET", path: "/openapi.json", header: gzipOK},
 		{method: "HEAD", path: "/openapi.json"},
 	} {
-		check(req)
+		check(s, req)
 	}
 	s.ready.Store(false)
-	check(request{method: "GET", path: "/readyz"})
-	for _, status := range []int{200, 201, 204, 304, 400, 404, 405, 412, 413, 415, 503} {
+	check(s, request{method: "GET", path: "/readyz"})
+
+	// A store on disk with room for almost nothing, whose writes then fail:
+	// the 507, the 500 and the readiness 503 for a store that refuses writes.
+	store, err := OpenMapStore(filepath.Join(t.TempDir(), "data"), 64, storedRecord(ParseEntry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	failing := newTestServerOn(t, store)
+	check(failing, request{method: "POST", path: "/addresses", body: `{"full_name":"` + strings.Repeat("a", 64) + `"}`})
+	store.files.createTemp = func(dir, pattern string) (*os.File, error) {
+		return nil, &os.PathError{Op: "open", Path: dir, Err: syscall.EROFS}
+	}
+	check(failing, request{method: "POST", path: "/addresses", body: `{"full_name":"A"}`})
+	check(failing, request{method: "GET", path: "/readyz"})
+	for _, status := range []int{200, 201, 204, 304, 400, 404, 405, 412, 413, 415, 500, 503, 507} {
 		if !seen[status] {
 			t.Errorf("no request got a %d; the requests above should reach it", status)
 		}
 	}
+
+	// Every problem example's detail is one the server sent above, word for
+	// word, but the one that needs a crowd of uploads at once, which
+	// TestBodyMemoryBudget reaches.
+	elsewhere := map[string]bool{"503 the server is reading as many request bodies as its memory allows; try again shortly": true}
+	var walk func(at string, node json.RawMessage)
+	walk = func(at string, node json.RawMessage) {
+		m := spec.members(node)
+		if problems := m["application/problem+json"]; problems != nil {
+			for name, ex := range spec.examples(problems) {
+				f := spec.members(ex)
+				detail := fmt.Sprintf("%d %s", spec.number(f["status"]), spec.text(f["detail"]))
+				if !sent[detail] && !elsewhere[detail] {
+					t.Errorf("openapi.json %s example %q: detail %q, which the server never sent above; it sent %v", at, name, detail, slices.Sorted(maps.Keys(sent)))
+				}
+			}
+		}
+		for k, v := range m {
+			walk(at+"/"+k, v)
+		}
+	}
+	walk("", spec.doc)
 }
 
 // ---- performance: the service beside the net/http ceiling ---------------------------

@@ -321,8 +321,11 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		WriteTimeout:      cfg.timeouts.write,
 		IdleTimeout:       cfg.timeouts.idle,
 		MaxHeaderBytes:    cfg.timeouts.maxHeader,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-		ConnState:         limited.connState,
+		// "OPTIONS *" reaches the handler, to be answered as a problem
+		// with an X-Request-ID like every other request.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		ConnState:                    limited.connState,
 	}
 	settings := []any{"addr", ln.Addr().String(), "store", cfg.storeKind(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
 		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_conns", maxConns,

@@ -14,7 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/mail"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -86,7 +86,16 @@ const (
 	maxListItems  = 64
 	maxTextLength = 256 // in Unicode characters, not bytes
 	maxCountry    = 999 // largest country calling code
+	// maxInteger is the largest integer a JSON number holds exactly in
+	// JavaScript (2^53-1), so no client reads back a different number.
+	maxInteger = 1<<53 - 1
 )
+
+// blank is what "blank" means for a text field: Go's unicode.IsSpace and
+// U+FEFF, which ECMAScript's \s counts as space. The schema's NonBlankText
+// pattern is built from these same characters (a test holds them equal), so
+// the server and every JSON Schema validator agree.
+const blank = "\t\n\v\f\r \u0085\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
 
 // ---- errors -----------------------------------------------------------------
 
@@ -562,20 +571,25 @@ func (d *decoder) email(v jsonValue, item fieldPath) Email {
 }
 
 // emailAddress checks an e-mail address field (whether it may be left out
-// is for the required list given to fields): what net/mail parses as an
-// address with no display name, written exactly as its own address part
-// ("Ada <a@b>" is refused).
+// is for the required list given to fields) against emailPattern.
 func (d *decoder) emailAddress(v jsonValue, path fieldPath) string {
 	s := d.text(v, path, true)
 	if s == "" {
 		return ""
 	}
-	if addr, err := mail.ParseAddress(s); err != nil || addr.Name != "" || addr.Address != s {
+	if !emailPattern.MatchString(s) {
 		d.fail(path, "must be a bare e-mail address such as ada@example.org")
 		return ""
 	}
 	return s
 }
+
+// emailPattern is what common JSON Schema validators (ajv's full "email"
+// format) accept as an e-mail address: a dot-atom in ASCII, @, and a domain
+// of at least two labels. It is the schema's Email pattern, character for
+// character (a test holds them equal), so whatever a client's validator
+// passes, the server takes.
+var emailPattern = regexp.MustCompile("^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?\\.)+[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$")
 
 // oneOf checks a required string field that must be one of choices.
 func (d *decoder) oneOf(v jsonValue, path fieldPath, choices ...string) string {
@@ -637,13 +651,13 @@ func checkText(v jsonValue, nonBlank bool) string {
 	if strings.IndexFunc(v.text, unicode.IsControl) >= 0 {
 		return "must not contain control characters"
 	}
-	if nonBlank && strings.TrimSpace(v.text) == "" {
+	if nonBlank && strings.Trim(v.text, blank) == "" {
 		return "must not be blank"
 	}
 	return ""
 }
 
-// positive accepts an integer literal greater than 0 that fits in an int64;
+// positive accepts an integer literal from 1 to maxInteger;
 // 7.0 and 1e2 are numbers but not integer literals, so they are refused.
 func (d *decoder) positive(v jsonValue, path fieldPath) int64 {
 	if v.kind == jsonUnknown {
@@ -651,7 +665,7 @@ func (d *decoder) positive(v jsonValue, path fieldPath) int64 {
 	}
 	n, ok := positiveInt(v)
 	if !ok {
-		d.fail(path, "must be a positive integer")
+		d.fail(path, fmt.Sprintf("must be an integer from 1 to %d", maxInteger))
 	}
 	return n
 }
@@ -661,7 +675,7 @@ func positiveInt(v jsonValue) (int64, bool) {
 		return 0, false
 	}
 	n, err := strconv.ParseInt(v.text, 10, 64)
-	return n, err == nil && n > 0
+	return n, err == nil && n > 0 && n <= maxInteger
 }
 
 // intOrText accepts a positive integer or a non-blank string and remembers
@@ -679,7 +693,7 @@ func (d *decoder) intOrText(v jsonValue, path fieldPath) IntOrText {
 	}
 	n, ok := positiveInt(v)
 	if !ok {
-		d.fail(path, "must be a positive integer or a non-blank string")
+		d.fail(path, fmt.Sprintf("must be an integer from 1 to %d or a non-blank string", maxInteger))
 	}
 	return IntOrText{Int: n}
 }
