@@ -82,7 +82,7 @@ check_lint() {
 		echo "skipped: staticcheck is not installed"
 		return 0
 	fi
-	staticcheck ./...
+	staticcheck -checks all ./...
 	echo "ok"
 }
 

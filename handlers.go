@@ -36,14 +36,13 @@ type handlerConfig struct {
 	storeReady func(ctx context.Context) error // why the store cannot take writes now, or nil
 }
 
-// newHandler returns the whole API with its middleware.
 // resources are the collections the API serves, one per resource. A second
-// resource is a field here, its five lines in addRoutes, and its store in
-// serve.
+// resource is a field here, its lines in addRoutes, and its store in serve.
 type resources struct {
 	book *Collection[Entry]
 }
 
+// newHandler returns the whole API with its middleware.
 func newHandler(log *slog.Logger, res resources, cfg handlerConfig) http.Handler {
 	mux := http.NewServeMux()
 	addRoutes(mux, log, res, cfg)
@@ -121,7 +120,7 @@ func getItem[T any](c *Collection[T]) apiFunc {
 			return err
 		}
 		tag := etag(rec.Version)
-		w.Header()["ETag"] = []string{tag}
+		w.Header()["Etag"] = []string{tag}
 		if inm := r.Header.Values("If-None-Match"); inm != nil && noneMatch(inm, rec.Version) {
 			w.Header()["Vary"] = varyEncoding
 			w.WriteHeader(http.StatusNotModified)
@@ -160,7 +159,7 @@ func replaceItem[T any](c *Collection[T], parse func([]byte) (T, error), cfg han
 		if err != nil {
 			return err
 		}
-		w.Header()["ETag"] = []string{etag(rec.Version)}
+		w.Header()["Etag"] = []string{etag(rec.Version)}
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
@@ -176,7 +175,7 @@ func createOnly(r *http.Request) bool {
 func created(w http.ResponseWriter, r *http.Request, location string, rec Record) {
 	h := w.Header()
 	h["Location"] = []string{location}
-	h["ETag"] = []string{etag(rec.Version)}
+	h["Etag"] = []string{etag(rec.Version)}
 	writeBody(w, r, http.StatusCreated, jsonType, rec.JSON)
 }
 
@@ -525,9 +524,10 @@ func entityTags(values []string) []string {
 
 // ---- writing responses ------------------------------------------------------------
 
-// Response headers are set by map key, not Header().Set, so that they go on
-// the wire spelled as RFC 9110 and the README spell them (ETag,
-// X-Request-ID) rather than as Go canonicalizes them (Etag, X-Request-Id).
+// Response headers are set by their canonical key (Etag, X-Request-Id), as
+// Header().Set would, so that Get and Set work on them in any middleware,
+// without the allocation Set makes for each value. Header names are
+// case-insensitive; the wire spelling is not part of the contract.
 // Header values shared by every response that uses them; never modified.
 var (
 	jsonType     = []string{"application/json"}
@@ -725,7 +725,7 @@ func withRequestID(next http.Handler) http.Handler {
 		if !validRequestID(id) {
 			id = newRequestID()
 		}
-		w.Header()["X-Request-ID"] = []string{id}
+		w.Header()["X-Request-Id"] = []string{id}
 		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), requestIDKey{}, id)))
 	})
 }

@@ -48,8 +48,9 @@ import (
 
 func main() {
 	ctx, stop := signalContext()
-	defer stop()
-	os.Exit(exitStatus(run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr), os.Stderr))
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop() // os.Exit runs no deferred calls
+	os.Exit(exitStatus(err, os.Stderr))
 }
 
 // signalContext returns a context cancelled by the first SIGINT, SIGTERM or
@@ -293,7 +294,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	// adds it to stores, which readiness checks and every return closes.
 	var stores []Store
 	defer func() { closeStores(stores) }() // a second Close is harmless
-	entryStore, err := openStore(ctx, cfg, log, "addresses", storedRecord(ParseEntry))
+	entryStore, err := openStore(ctx, cfg, log, "addresses", "", storedRecord(ParseEntry))
 	if err != nil {
 		return err
 	}
@@ -514,21 +515,17 @@ func (c config) storeKind() string {
 var openDatabase func(ctx context.Context, url, table string) (Store, error)
 
 // openStore opens the store of one resource as the configuration asks: in a
-// database (a table named resource), in a directory under -data (checking
-// each file with load), or in memory. The address book keeps DIR itself, as
-// it always has; any other resource gets DIR/<resource>.
-func openStore(ctx context.Context, cfg config, log *slog.Logger, resource string, load func([]byte) (Record, error)) (Store, error) {
+// database (a table named resource), in the directory subdir of -data
+// (checking each file with load; "" is -data itself, the address book's), or
+// in memory.
+func openStore(ctx context.Context, cfg config, log *slog.Logger, resource, subdir string, load func([]byte) (Record, error)) (Store, error) {
 	switch cfg.storeKind() {
 	case "database":
 		return openDatabase(ctx, cfg.databaseURL, resource)
 	case "memory":
 		return NewMapStore(cfg.maxStoreBytes), nil
 	}
-	dir := cfg.dataDir
-	if resource != "addresses" {
-		dir = filepath.Join(dir, resource)
-	}
-	store, err := OpenMapStore(dir, cfg.maxStoreBytes, load)
+	store, err := OpenMapStore(filepath.Join(cfg.dataDir, subdir), cfg.maxStoreBytes, load)
 	if err != nil {
 		return nil, err
 	}
