@@ -476,6 +476,118 @@ check_postgres() {
 	echo "ok ($((SECONDS - started)) s)"
 }
 
+# free_port prints a TCP port on 127.0.0.1 that nothing listens on now.
+free_port() {
+	local port
+	for _ in $(seq 50); do
+		port=$((20000 + RANDOM % 40000))
+		(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return 0; }
+	done
+	return 1
+}
+
+# prom_query EXPR prints the value of the first sample Prometheus's HTTP API
+# answers for the instant query EXPR, or nothing.
+prom_query() {
+	curl -s --max-time 5 -G "http://$prom_addr/api/v1/query" --data-urlencode "query=$1" |
+		sed -n 's/.*"value":\[[^,]*,"\([^"]*\)"\].*/\1/p'
+}
+
+# prom_expect EXPR WANT waits up to 15 s (scrapes are 1 s apart) for EXPR
+# to answer WANT, which is a value or, when it starts with ~, a regular
+# expression the value must match.
+prom_expect() {
+	local got
+	for _ in $(seq 75); do
+		got=$(prom_query "$1")
+		if [[ ${2:0:1} == "~" && $got =~ ${2:1} ]] || [[ $got == "$2" ]]; then
+			echo "ok   $1 = $got"
+			return 0
+		fi
+		sleep 0.2
+	done
+	echo "FAIL $1 = '${got}', want $2"
+	return 1
+}
+
+metrics_cleanup() {
+	kill ${pids[*]:-} 2>/dev/null || true
+	wait ${pids[*]:-} 2>/dev/null || true
+	rm -rf "$tmp"
+}
+
+# check_metrics starts the built binary and Debian's prometheus scraping it
+# every second, sends a known set of requests, then asks Prometheus's HTTP
+# API what it scraped: the target is up, the counts per route and status
+# are those sent, histogram_quantile answers, the build info is there. It
+# runs promtool check metrics on the exposition, and removes all it made.
+check_metrics() {
+	step "metrics: a real Prometheus scrapes the built binary"
+	if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+		echo "skipped: prometheus and promtool are not installed (apt-get install prometheus)"
+		return 0
+	fi
+	command -v curl >/dev/null || { echo "metrics needs curl"; return 1; }
+	tmp=$(mktemp -d) pids=() # global, so the EXIT trap can clean up after set -e
+	trap metrics_cleanup EXIT
+	trap 'metrics_cleanup; trap - EXIT RETURN' RETURN
+	local started=$SECONDS addr as=()
+	go build -o "$tmp/addrservice" .
+	: >"$tmp/service.log"
+	"$tmp/addrservice" -addr 127.0.0.1:0 >"$tmp/service.log" 2>&1 &
+	pids+=($!)
+	addr=$(wait_for "$tmp/service.log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the binary did not start"; cat "$tmp/service.log"; return 1; }
+
+	echo "promtool check metrics on GET /metrics"
+	curl -s "http://$addr/metrics" >"$tmp/metrics.txt"
+	promtool check metrics <"$tmp/metrics.txt" >"$tmp/promtool.out" 2>&1 || true
+	[[ ! -s $tmp/promtool.out ]] || { echo "promtool reports:"; cat "$tmp/promtool.out"; return 1; }
+	echo "ok   nothing to report"
+
+	echo "prometheus scraping every second"
+	mkdir "$tmp/prom"
+	if ((EUID == 0)); then # it needs no privilege: run it as nobody, in a directory nobody owns
+		chown nobody "$tmp/prom"
+		chmod 711 "$tmp"
+		as=(setpriv --reuid=nobody --regid="$(id -g nobody)" --clear-groups --)
+	fi
+	cat >"$tmp/prom/prometheus.yml" <<-YAML
+		global:
+		  scrape_interval: 1s
+		scrape_configs:
+		  - job_name: addrservice
+		    static_configs:
+		      - targets: ['$addr']
+	YAML
+	prom_addr=127.0.0.1:$(free_port) || { echo "no free port"; return 1; }
+	"${as[@]}" prometheus --config.file="$tmp/prom/prometheus.yml" --storage.tsdb.path="$tmp/prom/data" \
+		--web.listen-address="$prom_addr" --log.level=warn >"$tmp/prom/log" 2>&1 &
+	pids+=($!)
+	for _ in $(seq 100); do
+		curl -sf -o /dev/null "http://$prom_addr/-/ready" && break
+		sleep 0.2
+	done
+	curl -sf -o /dev/null "http://$prom_addr/-/ready" || { echo "prometheus did not start:"; cat "$tmp/prom/log"; return 1; }
+
+	echo "a known set of requests: 3 creates, 5 reads, 2 reads of an unknown id, 1 unknown path"
+	local loc n
+	for n in 1 2 3; do loc=$(curl -s -o /dev/null -w '%header{location}' --json @testdata/ada-lovelace.json "http://$addr/addresses"); done
+	for n in 1 2 3 4 5; do curl -s -o /dev/null "http://$addr$loc"; done
+	for n in 1 2; do curl -s -o /dev/null "http://$addr/addresses/0123456789abcdef0123456789abcdef"; done
+	curl -s -o /dev/null "http://$addr/nope"
+
+	local count=http_server_request_duration_seconds_count
+	prom_expect 'up{job="addrservice"}' 1
+	prom_expect "$count{http_request_method=\"POST\",http_route=\"/addresses\",http_response_status_code=\"201\"}" 3
+	prom_expect "$count{http_request_method=\"GET\",http_route=\"/addresses/{id}\",http_response_status_code=\"200\"}" 5
+	prom_expect "$count{http_request_method=\"GET\",http_route=\"/addresses/{id}\",http_response_status_code=\"404\"}" 2
+	prom_expect "$count{http_request_method=\"GET\",http_route=\"\",http_response_status_code=\"404\"}" 1
+	prom_expect 'addrservice_store_entries' 3
+	prom_expect 'histogram_quantile(0.99, sum by (le) (http_server_request_duration_seconds_bucket{http_route="/addresses/{id}"}))' '~^[0-9.e+-]+$'
+	prom_expect 'count(addrservice_build_info{version!="",revision!="",go_version=~"go.+"} == 1)' 1
+	echo "ok ($((SECONDS - started)) s)"
+}
+
 # cpu_ticks PID prints the CPU time PID has used, user and system, in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
@@ -580,7 +692,7 @@ all)
 	check_postgres
 	step "all checks passed"
 	;;
-fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | load) "check_$1" ;;
+fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | metrics | load) "check_$1" ;;
 *)
 	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|recipe|postgres|bench|fuzz|load]" >&2
 	exit 2
