@@ -3,7 +3,8 @@
 #
 #   ./check.sh          everything CI runs: fmt, vet, lint (when staticcheck is
 #                       installed), test (race detector, coverage floor), e2e,
-#                       postgres (when PostgreSQL is installed)
+#                       postgres (when PostgreSQL is installed), metrics (when
+#                       Prometheus is installed), profile
 #   ./check.sh fmt      gofmt check
 #   ./check.sh vet      go vet
 #   ./check.sh lint     staticcheck, skipped when it is not installed
@@ -15,6 +16,13 @@
 #   ./check.sh postgres the README's steps to PostgreSQL on a copy of the project and
 #                       a throwaway database: store contract tests, the README's session,
 #                       two instances on one database; skipped without PostgreSQL
+#   ./check.sh metrics  the built binary scraped by a real Prometheus (Debian's
+#                       prometheus, 1 s scrapes, as nobody when run as root); asks
+#                       its HTTP API what it saw; promtool check metrics; skipped
+#                       without Prometheus
+#   ./check.sh profile  docs/profiling.md end to end: CPU and heap profiles of the
+#                       built binary under a bounded curl load, top functions
+#                       (PROFILE_SECONDS=5)
 #   ./check.sh bench    benchmarks with allocation counts, then the fraction of the
 #                       ceiling per workload (BENCHTIME=1s; ADDRSERVICE_BENCH_ENTRIES)
 #   ./check.sh fuzz     fuzzes the entry decoder (FUZZTIME=30s by default)
@@ -588,6 +596,52 @@ check_metrics() {
 	echo "ok ($((SECONDS - started)) s)"
 }
 
+# check_profile does what docs/profiling.md describes, on the built binary:
+# it seeds entries, puts it under load (curl, bounded in requests and
+# time), takes a CPU profile and a heap profile from the debug listener,
+# and prints the top functions with go tool pprof.
+# PROFILE_SECONDS=5 sets the CPU profile's length.
+check_profile() {
+	step "profile: CPU and heap profiles of the built binary under load"
+	command -v curl >/dev/null || { echo "profile needs curl"; return 1; }
+	local bin addr debug loc seconds=${PROFILE_SECONDS:-5} load_pid
+	tmp=$(mktemp -d) pid="" load_pid="" # global, so the EXIT trap can clean up after set -e
+	trap 'kill ${pid:-} ${load_pid:-} 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	trap 'kill ${pid:-} ${load_pid:-} 2>/dev/null || true; rm -rf "$tmp"; trap - EXIT RETURN' RETURN
+	bin=$tmp/addrservice
+	go build -o "$bin" .
+	: >"$tmp/log"
+	"$bin" -addr 127.0.0.1:0 -debug-addr 127.0.0.1:0 >"$tmp/log" 2>&1 &
+	pid=$!
+	addr=$(wait_for "$tmp/log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the binary did not start"; cat "$tmp/log"; return 1; }
+	debug=$(sed -n 's/.*msg=starting .*debug_addr=\([^ ]*\).*/\1/p' "$tmp/log")
+
+	# The load: 200 creates, then reads, pages and creates from 8
+	# connections, at most 400000 requests or the profile's length and 20 s.
+	curl -s --parallel --parallel-max 8 --json @testdata/rajesh-kumar.json "http://$addr/addresses?seed=[1-200]" >/dev/null 2>&1
+	loc=$(curl -s -o /dev/null -w '%header{location}' --json @testdata/ada-lovelace.json "http://$addr/addresses")
+	timeout $((seconds + 20)) curl -s --parallel --parallel-max 8 "http://$addr$loc?n=[1-300000]" "http://$addr/addresses?limit=50&n=[1-50000]" \
+		--json @testdata/zoe-muller.json "http://$addr/addresses?n=[1-50000]" >/dev/null 2>&1 &
+	load_pid=$!
+
+	echo "a ${seconds} s CPU profile and a heap profile, from http://$debug/debug/pprof/"
+	curl -sf -o "$tmp/cpu.pprof" "http://$debug/debug/pprof/profile?seconds=$seconds"
+	curl -sf -o "$tmp/heap.pprof" "http://$debug/debug/pprof/heap"
+	kill "$load_pid" 2>/dev/null || true
+	wait "$load_pid" 2>/dev/null || true
+	load_pid=""
+
+	go tool pprof -top -nodecount=12 "$bin" "$tmp/cpu.pprof" 2>/dev/null | tee "$tmp/cpu.top"
+	grep -q 'main\.' <(go tool pprof -top "$bin" "$tmp/cpu.pprof" 2>/dev/null) || { echo "the CPU profile has none of the service's own functions"; return 1; }
+	echo
+	go tool pprof -top -nodecount=8 -sample_index=alloc_space "$bin" "$tmp/heap.pprof" 2>/dev/null | tee "$tmp/heap.top"
+	grep -q 'main\.' "$tmp/heap.top" || { echo "the heap profile has none of the service's own functions"; return 1; }
+	kill -TERM "$pid"
+	wait "$pid" || { echo "the binary did not exit 0 after SIGTERM"; return 1; }
+	pid=""
+	echo "ok"
+}
+
 # cpu_ticks PID prints the CPU time PID has used, user and system, in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
@@ -690,11 +744,13 @@ all)
 	check_rename
 	check_recipe
 	check_postgres
+	check_metrics
+	check_profile
 	step "all checks passed"
 	;;
-fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | metrics | load) "check_$1" ;;
+fmt | vet | lint | test | cover | bench | fuzz | e2e | rename | recipe | postgres | metrics | profile | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|recipe|postgres|bench|fuzz|load]" >&2
+	echo "usage: $0 [all|fmt|vet|lint|test|cover|e2e|rename|recipe|postgres|metrics|profile|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac
