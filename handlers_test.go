@@ -2797,7 +2797,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	}
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	book.handler = newHandler(log, resources{book: svc}, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(store)})
+	book.handler = newHandler(log, resources{book: svc}, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(store), metrics: newHTTPMetrics()})
 	return book
 }
 
