@@ -2561,6 +2561,18 @@ func TestCountingARequestCostsNoAllocation(t *testing.T) {
 	}
 }
 
+// BenchmarkCountingARequest is what the metrics add to each request.
+func BenchmarkCountingARequest(b *testing.B) {
+	m := newHTTPMetrics()
+	routeTable{http.NewServeMux(), m}.Handle("GET /addresses/{id}", http.NotFoundHandler())
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			m.observe("GET /addresses/{id}", "GET", 200, 40*time.Microsecond, 391)
+		}
+	})
+}
+
 // TestProcessMetrics: the program's /metrics reports connections, the
 // store, lost log lines, the build and the Go runtime, and answers on the
 // debug listener too.
