@@ -1094,10 +1094,15 @@ func TestRunFailsWhenThePortIsTaken(t *testing.T) {
 	defer ln.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // if it serves after all, it stops
 	defer cancel()
-	err = run(ctx, []string{"-addr", ln.Addr().String()}, func(string) string { return "" }, io.Discard, io.Discard)
-	var usage *usageError
-	if err == nil || errors.As(err, &usage) {
-		t.Fatalf("run on a taken port = %v, want a start error (exit status 1)", err)
+	for _, args := range [][]string{
+		{"-addr", ln.Addr().String()},
+		{"-addr", "127.0.0.1:0", "-debug-addr", ln.Addr().String()},
+	} {
+		err = run(ctx, args, func(string) string { return "" }, io.Discard, io.Discard)
+		var usage *usageError
+		if err == nil || errors.As(err, &usage) {
+			t.Errorf("run %v on a taken port = %v, want a start error (exit status 1)", args, err)
+		}
 	}
 }
 
@@ -2578,13 +2583,15 @@ func BenchmarkCountingARequest(b *testing.B) {
 // debug listener too.
 func TestProcessMetrics(t *testing.T) {
 	p := startRun(t, nil, "-max-store-bytes", "1MiB", "-max-conns", "7", "-debug-addr", "127.0.0.1:0")
-	res, err := http.Post("http://"+p.addr+"/addresses", "application/json", strings.NewReader(validEntry))
+	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}} // one connection, so one is open
+	defer client.CloseIdleConnections()
+	res, err := client.Post("http://"+p.addr+"/addresses", "application/json", strings.NewReader(validEntry))
 	if err != nil {
 		t.Fatal(err)
 	}
 	res.Body.Close()
 	read := func(addr string) map[string]string {
-		res, err := http.Get("http://" + addr + "/metrics")
+		res, err := client.Get("http://" + addr + "/metrics")
 		if err != nil {
 			t.Fatal(err)
 		}

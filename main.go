@@ -365,6 +365,7 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 	if cfg.debugAddr != "" {
 		dln, err := net.Listen("tcp", cfg.debugAddr)
 		if err != nil {
+			ln.Close()
 			return fmt.Errorf("-debug-addr: %w", err)
 		}
 		debugAddr = dln.Addr().String()
