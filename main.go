@@ -369,6 +369,8 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 			return fmt.Errorf("-debug-addr: %w", err)
 		}
 		debugAddr = dln.Addr().String()
+		// No write timeout: a CPU profile or a trace answers after as many
+		// seconds as it was asked for.
 		dsrv := &http.Server{
 			Handler:           debugHandler(srv.Handler), // its /metrics is the public one's, counted there too
 			ReadHeaderTimeout: cfg.timeouts.readHeader,
