@@ -263,6 +263,9 @@ check_e2e() {
 	status=0; "$bin" -addr 127.0.0.1:0 -data "$tmp/data" >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 1 ]] && grep -q "0123456789abcdef0123456789abcdef.json is not a regular file" "$tmp/err" || { echo "an entry that is a symlink: status $status"; cat "$tmp/err"; return 1; }
 
+	echo "-version prints the build and exits 0"
+	"$bin" -version | grep -q "^addrservice .* revision .* modified " || { echo "-version printed: $("$bin" -version)"; return 1; }
+
 	echo "a bad flag exits 2 with one line on stderr"
 	status=0; "$bin" -max-body lots >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] || { echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
