@@ -607,10 +607,10 @@ check_metrics() {
 check_profile() {
 	step "profile: CPU and heap profiles of the built binary under load"
 	command -v curl >/dev/null || { echo "profile needs curl"; return 1; }
-	local bin addr debug loc seconds=${PROFILE_SECONDS:-5} load_pid
-	tmp=$(mktemp -d) pid="" load_pid="" # global, so the EXIT trap can clean up after set -e
-	trap 'kill ${pid:-} ${load_pid:-} 2>/dev/null || true; rm -rf "$tmp"' EXIT
-	trap 'kill ${pid:-} ${load_pid:-} 2>/dev/null || true; rm -rf "$tmp"; trap - EXIT RETURN' RETURN
+	local bin addr debug loc seconds=${PROFILE_SECONDS:-5}
+	tmp=$(mktemp -d) pid="" load_pids=() # global, so the EXIT trap can clean up after set -e
+	trap 'kill ${pid:-} ${load_pids[*]:-} 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	trap 'kill ${pid:-} ${load_pids[*]:-} 2>/dev/null || true; rm -rf "$tmp"; trap - EXIT RETURN' RETURN
 	bin=$tmp/addrservice
 	go build -o "$bin" .
 	: >"$tmp/log"
@@ -619,20 +619,27 @@ check_profile() {
 	addr=$(wait_for "$tmp/log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the binary did not start"; cat "$tmp/log"; return 1; }
 	debug=$(sed -n 's/.*msg=starting .*debug_addr=\([^ ]*\).*/\1/p' "$tmp/log")
 
-	# The load: 200 creates, then reads, pages and creates from 8
-	# connections, at most 400000 requests or the profile's length and 20 s.
+	# The load: 200 creates, then reads, pages and creates side by side
+	# from 8 connections, each bounded in requests and by the profile's
+	# length plus 20 s.
 	curl -s --parallel --parallel-max 8 --json @testdata/rajesh-kumar.json "http://$addr/addresses?seed=[1-200]" >/dev/null 2>&1
 	loc=$(curl -s -o /dev/null -w '%header{location}' --json @testdata/ada-lovelace.json "http://$addr/addresses")
-	timeout $((seconds + 20)) curl -s --parallel --parallel-max 8 "http://$addr$loc?n=[1-300000]" "http://$addr/addresses?limit=50&n=[1-50000]" \
-		--json @testdata/zoe-muller.json "http://$addr/addresses?n=[1-50000]" >/dev/null 2>&1 &
-	load_pid=$!
+	load_pids=()
+	timeout $((seconds + 20)) curl -s --parallel --parallel-max 4 "http://$addr$loc?n=[1-300000]" >/dev/null 2>&1 &
+	load_pids+=($!)
+	timeout $((seconds + 20)) curl -s --parallel --parallel-max 2 "http://$addr/addresses?limit=50&n=[1-100000]" >/dev/null 2>&1 &
+	load_pids+=($!)
+	timeout $((seconds + 20)) curl -s --parallel --parallel-max 2 --json @testdata/zoe-muller.json "http://$addr/addresses?n=[1-20000]" >/dev/null 2>&1 &
+	load_pids+=($!)
 
 	echo "a ${seconds} s CPU profile and a heap profile, from http://$debug/debug/pprof/"
 	curl -sf -o "$tmp/cpu.pprof" "http://$debug/debug/pprof/profile?seconds=$seconds"
 	curl -sf -o "$tmp/heap.pprof" "http://$debug/debug/pprof/heap"
-	kill "$load_pid" 2>/dev/null || true
-	wait "$load_pid" 2>/dev/null || true
-	load_pid=""
+	kill "${load_pids[@]}" 2>/dev/null || true
+	wait "${load_pids[@]}" 2>/dev/null || true
+	load_pids=()
+	echo "the load, as /metrics counted it:"
+	curl -s "http://$addr/metrics" | sed -n 's/^http_server_request_duration_seconds_count{\(.*\)} /  \1 /p'
 
 	go tool pprof -top -nodecount=12 "$bin" "$tmp/cpu.pprof" 2>/dev/null | tee "$tmp/cpu.top"
 	grep -q 'main\.' <(go tool pprof -top "$bin" "$tmp/cpu.pprof" 2>/dev/null) || { echo "the CPU profile has none of the service's own functions"; return 1; }
