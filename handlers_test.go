@@ -2589,6 +2589,7 @@ func TestProcessMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	io.Copy(io.Discard, res.Body) // read to the end, or the connection is not reused
 	res.Body.Close()
 	read := func(addr string) map[string]string {
 		res, err := client.Get("http://" + addr + "/metrics")
