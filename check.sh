@@ -487,11 +487,12 @@ check_postgres() {
 	echo "ok ($((SECONDS - started)) s)"
 }
 
-# free_port prints a TCP port on 127.0.0.1 that nothing listens on now.
+# free_port prints a TCP port on 127.0.0.1 that nothing listens on now,
+# below Linux's ephemeral range, where outgoing connections take theirs.
 free_port() {
 	local port
 	for _ in $(seq 50); do
-		port=$((20000 + RANDOM % 40000))
+		port=$((20000 + RANDOM % 12000))
 		(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return 0; }
 	done
 	return 1
@@ -570,15 +571,19 @@ check_metrics() {
 		    static_configs:
 		      - targets: ['$addr']
 	YAML
-	prom_addr=127.0.0.1:$(free_port) || { echo "no free port"; return 1; }
-	"${as[@]}" prometheus --config.file="$tmp/prom/prometheus.yml" --storage.tsdb.path="$tmp/prom/data" \
-		--web.listen-address="$prom_addr" --log.level=warn >"$tmp/prom/log" 2>&1 &
-	pids+=($!)
-	for _ in $(seq 100); do
-		curl -sf -o /dev/null "http://$prom_addr/-/ready" && break
-		sleep 0.2
+	local try
+	for try in 1 2 3; do # the port may be taken between the choice and the bind
+		prom_addr=127.0.0.1:$(free_port) || { echo "no free port"; return 1; }
+		"${as[@]}" prometheus --config.file="$tmp/prom/prometheus.yml" --storage.tsdb.path="$tmp/prom/data$try" \
+			--web.listen-address="$prom_addr" --log.level=warn >"$tmp/prom/log" 2>&1 &
+		pids+=($!)
+		for _ in $(seq 100); do
+			curl -sf --max-time 2 -o /dev/null "http://$prom_addr/-/ready" && break 2
+			kill -0 "${pids[-1]}" 2>/dev/null || break
+			sleep 0.2
+		done
 	done
-	curl -sf -o /dev/null "http://$prom_addr/-/ready" || { echo "prometheus did not start:"; cat "$tmp/prom/log"; return 1; }
+	curl -sf --max-time 2 -o /dev/null "http://$prom_addr/-/ready" || { echo "prometheus did not start:"; cat "$tmp/prom/log"; return 1; }
 
 	echo "a known set of requests: 3 creates, 5 reads, 2 reads of an unknown id, 1 unknown path"
 	local loc n
