@@ -3,7 +3,8 @@
 #
 #   ./check.sh          everything CI runs: fmt, vet, lint (when staticcheck is
 #                       installed), test (race detector, coverage floor), e2e,
-#                       contract, rename, recipe, postgres (when PostgreSQL is installed)
+#                       contract, rename, recipe, postgres (when PostgreSQL is
+#                       installed), metrics (when Prometheus is installed), profile
 #   ./check.sh fmt      gofmt check
 #   ./check.sh vet      go vet
 #   ./check.sh cross    go vet (which compiles the tests too) for Linux, macOS
@@ -21,6 +22,13 @@
 #   ./check.sh postgres the README's steps to PostgreSQL on a copy of the project and
 #                       a throwaway database: store contract tests, the README's session,
 #                       two instances on one database; skipped without PostgreSQL
+#   ./check.sh metrics  the built binary scraped by a real Prometheus (Debian's
+#                       prometheus, 1 s scrapes, as nobody when run as root); asks
+#                       its HTTP API what it saw; promtool check metrics; skipped
+#                       without Prometheus
+#   ./check.sh profile  docs/profiling.md end to end: CPU and heap profiles of the
+#                       built binary under a bounded curl load, top functions
+#                       (PROFILE_SECONDS=5)
 #   ./check.sh bench    benchmarks with allocation counts, then the fraction of the
 #                       ceiling per workload (BENCHTIME=1s; ADDRSERVICE_BENCH_ENTRIES)
 #   ./check.sh fuzz     fuzzes the entry decoder (FUZZTIME=30s by default)
@@ -274,6 +282,9 @@ check_e2e() {
 	status=0; "$bin" -addr 127.0.0.1:0 -data "$tmp/data" >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 1 ]] && grep -q "0123456789abcdef0123456789abcdef.json is not a regular file" "$tmp/err" || { echo "an entry that is a symlink: status $status"; cat "$tmp/err"; return 1; }
 
+	echo "-version prints the build and exits 0"
+	"$bin" -version | grep -q "^addrservice .* revision .* modified " || { echo "-version printed: $("$bin" -version)"; return 1; }
+
 	echo "a bad flag exits 2 with one line on stderr"
 	status=0; "$bin" -max-body lots >/dev/null 2>"$tmp/err" || status=$?
 	[[ $status == 2 && $(wc -l <"$tmp/err") == 1 ]] || { echo "status $status, stderr:"; cat "$tmp/err"; return 1; }
@@ -522,6 +533,176 @@ check_postgres() {
 	echo "ok ($((SECONDS - started)) s)"
 }
 
+# free_port prints a TCP port on 127.0.0.1 that nothing listens on now,
+# below Linux's ephemeral range, where outgoing connections take theirs.
+free_port() {
+	local port
+	for _ in $(seq 50); do
+		port=$((20000 + RANDOM % 12000))
+		(exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return 0; }
+	done
+	return 1
+}
+
+# prom_query EXPR prints the value of the first sample Prometheus's HTTP API
+# answers for the instant query EXPR, or nothing.
+prom_query() {
+	curl -s --max-time 5 -G "http://$prom_addr/api/v1/query" --data-urlencode "query=$1" |
+		sed -n 's/.*"value":\[[^,]*,"\([^"]*\)"\].*/\1/p'
+}
+
+# prom_expect EXPR WANT waits up to 15 s (scrapes are 1 s apart) for EXPR
+# to answer WANT, which is a value or, when it starts with ~, a regular
+# expression the value must match.
+prom_expect() {
+	local got
+	for _ in $(seq 75); do
+		got=$(prom_query "$1")
+		if [[ ${2:0:1} == "~" && $got =~ ${2:1} ]] || [[ $got == "$2" ]]; then
+			echo "ok   $1 = $got"
+			return 0
+		fi
+		sleep 0.2
+	done
+	echo "FAIL $1 = '${got}', want $2"
+	return 1
+}
+
+metrics_cleanup() {
+	kill ${pids[*]:-} 2>/dev/null || true
+	wait ${pids[*]:-} 2>/dev/null || true
+	rm -rf "$tmp"
+}
+
+# check_metrics starts the built binary and Debian's prometheus scraping it
+# every second, sends a known set of requests, then asks Prometheus's HTTP
+# API what it scraped: the target is up, the counts per route and status
+# are those sent, histogram_quantile answers, the build info is there. It
+# runs promtool check metrics on the exposition, and removes all it made.
+check_metrics() {
+	step "metrics: a real Prometheus scrapes the built binary"
+	if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+		echo "skipped: prometheus and promtool are not installed (apt-get install prometheus)"
+		return 0
+	fi
+	command -v curl >/dev/null || { echo "metrics needs curl"; return 1; }
+	tmp=$(mktemp -d) pids=() # global, so the EXIT trap can clean up after set -e
+	trap metrics_cleanup EXIT
+	trap 'metrics_cleanup; trap - EXIT RETURN' RETURN
+	local started=$SECONDS addr as=()
+	go build -o "$tmp/addrservice" .
+	: >"$tmp/service.log"
+	"$tmp/addrservice" -addr 127.0.0.1:0 >"$tmp/service.log" 2>&1 &
+	pids+=($!)
+	addr=$(wait_for "$tmp/service.log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the binary did not start"; cat "$tmp/service.log"; return 1; }
+
+	echo "promtool check metrics on GET /metrics"
+	curl -s "http://$addr/metrics" >"$tmp/metrics.txt"
+	promtool check metrics <"$tmp/metrics.txt" >"$tmp/promtool.out" 2>&1 || true
+	[[ ! -s $tmp/promtool.out ]] || { echo "promtool reports:"; cat "$tmp/promtool.out"; return 1; }
+	echo "ok   nothing to report"
+
+	echo "prometheus scraping every second"
+	mkdir "$tmp/prom"
+	if ((EUID == 0)); then # it needs no privilege: run it as nobody, in a directory nobody owns
+		chown nobody "$tmp/prom"
+		chmod 711 "$tmp"
+		as=(setpriv --reuid=nobody --regid="$(id -g nobody)" --clear-groups --)
+	fi
+	cat >"$tmp/prom/prometheus.yml" <<-YAML
+		global:
+		  scrape_interval: 1s
+		scrape_configs:
+		  - job_name: addrservice
+		    static_configs:
+		      - targets: ['$addr']
+	YAML
+	local try
+	for try in 1 2 3; do # the port may be taken between the choice and the bind
+		prom_addr=127.0.0.1:$(free_port) || { echo "no free port"; return 1; }
+		"${as[@]}" prometheus --config.file="$tmp/prom/prometheus.yml" --storage.tsdb.path="$tmp/prom/data$try" \
+			--web.listen-address="$prom_addr" --log.level=warn >"$tmp/prom/log" 2>&1 &
+		pids+=($!)
+		for _ in $(seq 100); do
+			curl -sf --max-time 2 -o /dev/null "http://$prom_addr/-/ready" && break 2
+			kill -0 "${pids[-1]}" 2>/dev/null || break
+			sleep 0.2
+		done
+	done
+	curl -sf --max-time 2 -o /dev/null "http://$prom_addr/-/ready" || { echo "prometheus did not start:"; cat "$tmp/prom/log"; return 1; }
+
+	echo "a known set of requests: 3 creates, 5 reads, 2 reads of an unknown id, 1 unknown path"
+	local loc n
+	for n in 1 2 3; do loc=$(curl -s -o /dev/null -w '%header{location}' --json @testdata/ada-lovelace.json "http://$addr/addresses"); done
+	for n in 1 2 3 4 5; do curl -s -o /dev/null "http://$addr$loc"; done
+	for n in 1 2; do curl -s -o /dev/null "http://$addr/addresses/0123456789abcdef0123456789abcdef"; done
+	curl -s -o /dev/null "http://$addr/nope"
+
+	local count=http_server_request_duration_seconds_count
+	prom_expect 'up{job="addrservice"}' 1
+	prom_expect "$count{http_request_method=\"POST\",http_route=\"/addresses\",http_response_status_code=\"201\"}" 3
+	prom_expect "$count{http_request_method=\"GET\",http_route=\"/addresses/{id}\",http_response_status_code=\"200\"}" 5
+	prom_expect "$count{http_request_method=\"GET\",http_route=\"/addresses/{id}\",http_response_status_code=\"404\"}" 2
+	prom_expect "$count{http_request_method=\"GET\",http_route=\"\",http_response_status_code=\"404\"}" 1
+	prom_expect 'addrservice_store_entries' 3
+	prom_expect 'histogram_quantile(0.99, sum by (le) (http_server_request_duration_seconds_bucket{http_route="/addresses/{id}"}))' '~^[0-9.e+-]+$'
+	prom_expect 'count(addrservice_build_info{version!="",revision!="",go_version=~"go.+"} == 1)' 1
+	echo "ok ($((SECONDS - started)) s)"
+}
+
+# check_profile does what docs/profiling.md describes, on the built binary:
+# it seeds entries, puts it under load (curl, bounded in requests and
+# time), takes a CPU profile and a heap profile from the debug listener,
+# and prints the top functions with go tool pprof.
+# PROFILE_SECONDS=5 sets the CPU profile's length.
+check_profile() {
+	step "profile: CPU and heap profiles of the built binary under load"
+	command -v curl >/dev/null || { echo "profile needs curl"; return 1; }
+	local bin addr debug loc seconds=${PROFILE_SECONDS:-5}
+	tmp=$(mktemp -d) pid="" load_pids=() # global, so the EXIT trap can clean up after set -e
+	trap 'kill ${pid:-} ${load_pids[*]:-} 2>/dev/null || true; rm -rf "$tmp"' EXIT
+	trap 'kill ${pid:-} ${load_pids[*]:-} 2>/dev/null || true; rm -rf "$tmp"; trap - EXIT RETURN' RETURN
+	bin=$tmp/addrservice
+	go build -o "$bin" .
+	: >"$tmp/log"
+	"$bin" -addr 127.0.0.1:0 -debug-addr 127.0.0.1:0 >"$tmp/log" 2>&1 &
+	pid=$!
+	addr=$(wait_for "$tmp/log" 's/.*msg=starting addr=\([^ ]*\).*/\1/p') || { echo "the binary did not start"; cat "$tmp/log"; return 1; }
+	debug=$(sed -n 's/.*msg=starting .*debug_addr=\([^ ]*\).*/\1/p' "$tmp/log")
+
+	# The load: 200 creates, then reads, pages and creates side by side
+	# from 8 connections, each bounded in requests and by the profile's
+	# length plus 20 s.
+	curl -s --parallel --parallel-max 8 --json @testdata/rajesh-kumar.json "http://$addr/addresses?seed=[1-200]" >/dev/null 2>&1
+	loc=$(curl -s -o /dev/null -w '%header{location}' --json @testdata/ada-lovelace.json "http://$addr/addresses")
+	load_pids=()
+	timeout $((seconds + 20)) curl -s --parallel --parallel-max 4 "http://$addr$loc?n=[1-300000]" >/dev/null 2>&1 &
+	load_pids+=($!)
+	timeout $((seconds + 20)) curl -s --parallel --parallel-max 2 "http://$addr/addresses?limit=50&n=[1-100000]" >/dev/null 2>&1 &
+	load_pids+=($!)
+	timeout $((seconds + 20)) curl -s --parallel --parallel-max 2 --json @testdata/zoe-muller.json "http://$addr/addresses?n=[1-20000]" >/dev/null 2>&1 &
+	load_pids+=($!)
+
+	echo "a ${seconds} s CPU profile and a heap profile, from http://$debug/debug/pprof/"
+	curl -sf -o "$tmp/cpu.pprof" "http://$debug/debug/pprof/profile?seconds=$seconds"
+	curl -sf -o "$tmp/heap.pprof" "http://$debug/debug/pprof/heap"
+	kill "${load_pids[@]}" 2>/dev/null || true
+	wait "${load_pids[@]}" 2>/dev/null || true
+	load_pids=()
+	echo "the load, as /metrics counted it:"
+	curl -s "http://$addr/metrics" | sed -n 's/^http_server_request_duration_seconds_count{\(.*\)} /  \1 /p'
+
+	go tool pprof -top -nodecount=12 "$bin" "$tmp/cpu.pprof" 2>/dev/null | tee "$tmp/cpu.top"
+	grep -q 'main\.' <(go tool pprof -top "$bin" "$tmp/cpu.pprof" 2>/dev/null) || { echo "the CPU profile has none of the service's own functions"; return 1; }
+	echo
+	go tool pprof -top -nodecount=8 -sample_index=alloc_space "$bin" "$tmp/heap.pprof" 2>/dev/null | tee "$tmp/heap.top"
+	grep -q 'main\.' "$tmp/heap.top" || { echo "the heap profile has none of the service's own functions"; return 1; }
+	kill -TERM "$pid"
+	wait "$pid" || { echo "the binary did not exit 0 after SIGTERM"; return 1; }
+	pid=""
+	echo "ok"
+}
+
 # cpu_ticks PID prints the CPU time PID has used, user and system, in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
@@ -626,11 +807,13 @@ all)
 	check_rename
 	check_recipe
 	check_postgres
+	check_metrics
+	check_profile
 	step "all checks passed"
 	;;
-fmt | vet | cross | lint | test | cover | bench | fuzz | e2e | contract | rename | recipe | postgres | load) "check_$1" ;;
+fmt | vet | cross | lint | test | cover | bench | fuzz | e2e | contract | rename | recipe | postgres | metrics | profile | load) "check_$1" ;;
 *)
-	echo "usage: $0 [all|fmt|vet|cross|lint|test|cover|e2e|contract|rename|recipe|postgres|bench|fuzz|load]" >&2
+	echo "usage: $0 [all|fmt|vet|cross|lint|test|cover|e2e|contract|rename|recipe|postgres|metrics|profile|bench|fuzz|load]" >&2
 	exit 2
 	;;
 esac

@@ -5,6 +5,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"compress/gzip"
 	"context"
 	"crypto/rand"
@@ -16,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"mime"
 	"net/http"
 	"net/url"
@@ -30,10 +32,12 @@ import (
 
 // handlerConfig is what the HTTP layer needs beyond the service.
 type handlerConfig struct {
-	maxBody    int64                           // largest request body, before and after gzip decoding
-	bodies     *bodyBudget                     // memory for request bodies across all requests
-	ready      *atomic.Bool                    // false once shutdown has begun
-	storeReady func(ctx context.Context) error // why the store cannot take writes now, or nil
+	maxBody     int64                           // largest request body, before and after gzip decoding
+	bodies      *bodyBudget                     // memory for request bodies across all requests
+	ready       *atomic.Bool                    // false once shutdown has begun
+	storeReady  func(ctx context.Context) error // why the store cannot take writes now, or nil
+	metrics     *httpMetrics                    // what was served; GET /metrics reports it
+	moreMetrics func(w io.Writer)               // the process's own metrics, written after the HTTP layer's
 }
 
 // resources are the collections the API serves, one per resource. A second
@@ -45,8 +49,8 @@ type resources struct {
 // newHandler returns the whole API with its middleware.
 func newHandler(log *slog.Logger, res resources, cfg handlerConfig) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, log, res, cfg)
-	return withMiddleware(log, mux)
+	addRoutes(routeTable{mux, cfg.metrics}, log, res, cfg)
+	return withMiddleware(log, cfg.metrics, mux)
 }
 
 // addRoutes is the whole API in one table; openapi.json describes it. Each
@@ -62,15 +66,16 @@ func addRoutes(mux interface{ Handle(string, http.Handler) }, log *slog.Logger, 
 	mux.Handle("GET /healthz", handle(log, healthz()))
 	mux.Handle("GET /readyz", handle(log, readyz(log, cfg)))
 	mux.Handle("GET /openapi.json", handle(log, openAPI()))
+	mux.Handle("GET /metrics", handle(log, serveMetrics(cfg)))
 }
 
 // withMiddleware wraps the mux in what every request passes through,
 // listed here from the innermost out.
-func withMiddleware(log *slog.Logger, mux *http.ServeMux) http.Handler {
+func withMiddleware(log *slog.Logger, m *httpMetrics, mux *http.ServeMux) http.Handler {
 	var h http.Handler = mux
 	h = problemsFromMux(h)    // the mux's own answers (404, 405, redirects) as problems
 	h = recoverPanics(log, h) // inside the log, so a panic is logged as a 500
-	h = logRequests(log, h)
+	h = logRequests(log, m, h)
 	h = withRequestID(h) // everything after it sees the id
 	h = closeAfterTransferEncoding(h)
 	return h
@@ -253,8 +258,13 @@ func listItems[T any](c *Collection[T]) apiFunc {
 	}
 }
 
+// healthz answers with the build, so "which build is answering?" needs
+// nothing more than the health check.
 func healthz() apiFunc {
-	body := []byte(`{"status":"ok"}`)
+	body, _ := json.Marshal(struct {
+		Status string `json:"status"`
+		buildInfo
+	}{"ok", readBuildInfo()})
 	return func(w http.ResponseWriter, r *http.Request) error {
 		writeBody(w, r, http.StatusOK, jsonType, body)
 		return nil
@@ -424,10 +434,11 @@ const firstRead = 4 << 10
 // memory. Decoding a body costs at most about as much again, briefly.
 type bodyBudget struct {
 	free atomic.Int64
+	size int64 // for /metrics
 }
 
 func newBodyBudget(bytes int64) *bodyBudget {
-	b := new(bodyBudget)
+	b := &bodyBudget{size: bytes}
 	b.free.Store(bytes)
 	return b
 }
@@ -799,13 +810,19 @@ func (w *statusWriter) Write(p []byte) (int, error) {
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// logRequests writes one line per request when it ends: INFO below 400,
-// WARN for 4xx, ERROR for 5xx.
-func logRequests(log *slog.Logger, next http.Handler) http.Handler {
+// logRequests counts every request in m and writes one line per request
+// when it ends: INFO below 400, WARN for 4xx, ERROR for 5xx. A valid W3C
+// traceparent puts its trace and span ids in the line, so that it joins the
+// trace of whatever called the service.
+func logRequests(log *slog.Logger, m *httpMetrics, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
+		m.active.Add(1)
+		defer m.active.Add(-1) // also when a handler aborts the response
 		sw := &statusWriter{ResponseWriter: w}
 		next.ServeHTTP(sw, r)
+		end := time.Now()
+		m.observe(r.Pattern, r.Method, sw.status, end.Sub(start), sw.bytes)
 		level := slog.LevelInfo
 		switch {
 		case sw.status >= 500:
@@ -818,7 +835,6 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 		}
 		// Built by hand rather than with log.LogAttrs, which spends more
 		// time finding the caller's source line than the record is worth.
-		end := time.Now()
 		rec := slog.NewRecord(end, level, "request", 0)
 		rec.AddAttrs(
 			slog.String("method", r.Method),
@@ -829,8 +845,39 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 			slog.Duration("duration", end.Sub(start)),
 			slog.String("remote", r.RemoteAddr),
 		)
+		if trace, span, ok := parseTraceparent(r.Header["Traceparent"]); ok {
+			rec.AddAttrs(slog.String("trace_id", trace), slog.String("span_id", span))
+		}
 		log.Handler().Handle(r.Context(), rec)
 	})
+}
+
+// parseTraceparent reads a W3C Trace Context traceparent header,
+// version-traceid-parentid-flags, and returns its trace id and its parent
+// (the caller's span) id. It accepts a later version's longer form as the
+// spec asks, reading its first four fields; anything malformed is ignored.
+func parseTraceparent(values []string) (traceID, spanID string, ok bool) {
+	if len(values) != 1 || len(values[0]) < 55 {
+		return "", "", false
+	}
+	v := values[0]
+	switch {
+	case v[:2] == "ff", v[:2] == "00" && len(v) != 55, len(v) > 55 && v[55] != '-',
+		v[2] != '-' || v[35] != '-' || v[52] != '-',
+		!lowerHex(v[:2]) || !lowerHex(v[3:35]) || !lowerHex(v[36:52]) || !lowerHex(v[53:55]),
+		v[3:35] == "00000000000000000000000000000000", v[36:52] == "0000000000000000":
+		return "", "", false
+	}
+	return v[3:35], v[36:52], true
+}
+
+func lowerHex(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // recoverPanics turns a panic in a handler into a 500 problem and a logged
@@ -900,3 +947,168 @@ func (w *muxErrorWriter) Write(p []byte) (int, error) {
 }
 
 func (w *muxErrorWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// ---- metrics --------------------------------------------------------------------
+
+// httpMetrics counts what the service answers, by route, method and status,
+// as OpenTelemetry's http.server.request.duration does. Every series exists
+// before the first request, so counting one is a map read and three atomic
+// adds: no lock, no allocation.
+type httpMetrics struct {
+	routes    map[string]*routeSeries // by mux pattern; filled by newHandler, before serving
+	unmatched routeSeries             // the mux's own 404s and 405s: no http_route, as OpenTelemetry leaves it off
+	active    atomic.Int64
+}
+
+func newHTTPMetrics() *httpMetrics {
+	return &httpMetrics{routes: map[string]*routeSeries{}}
+}
+
+// The label values each route has series for; anything else counts as
+// _OTHER, so a client cannot grow the label set.
+var (
+	metricMethods  = [...]string{"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "_OTHER"}
+	metricStatuses = [...]int{200, 201, 204, 301, 304, 307, 308, 400, 404, 405, 412, 413, 415, 500, 503, 507}
+	// From tens of microseconds, a GET from memory, to the 30 s the
+	// server's write timeout allows.
+	durationBuckets = [...]time.Duration{25 * time.Microsecond, 50 * time.Microsecond, 100 * time.Microsecond,
+		250 * time.Microsecond, 500 * time.Microsecond, time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
+		10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond, 100 * time.Millisecond, 250 * time.Millisecond,
+		500 * time.Millisecond, time.Second, 2500 * time.Millisecond, 5 * time.Second, 10 * time.Second, 30 * time.Second}
+)
+
+type routeSeries struct {
+	route  string // the pattern's path, as openapi.json writes it
+	series [len(metricMethods)][len(metricStatuses) + 1]requestSeries
+}
+
+type requestSeries struct {
+	buckets [len(durationBuckets) + 1]atomic.Uint64 // not cumulative; the last is above every bound
+	nanos   atomic.Uint64
+	bytes   atomic.Uint64
+}
+
+// routeTable registers each route on the mux and its series in m.
+type routeTable struct {
+	mux *http.ServeMux
+	m   *httpMetrics
+}
+
+func (t routeTable) Handle(pattern string, h http.Handler) {
+	t.mux.Handle(pattern, h)
+	_, path, _ := strings.Cut(pattern, " ")
+	t.m.routes[pattern] = &routeSeries{route: strings.TrimSuffix(path, "{$}")}
+}
+
+// observe counts one request; pattern is the one the mux matched, or "".
+func (m *httpMetrics) observe(pattern, method string, status int, d time.Duration, bytes int64) {
+	rs, ok := m.routes[pattern]
+	if !ok {
+		rs = &m.unmatched
+	}
+	mi := len(metricMethods) - 1
+	for i, name := range metricMethods[:mi] {
+		if name == method {
+			mi = i
+			break
+		}
+	}
+	if status == 0 { // nothing written: net/http sends 200
+		status = http.StatusOK
+	}
+	si := len(metricStatuses)
+	for i, code := range metricStatuses {
+		if code == status {
+			si = i
+			break
+		}
+	}
+	bucket := 0
+	for bucket < len(durationBuckets) && d > durationBuckets[bucket] {
+		bucket++
+	}
+	s := &rs.series[mi][si]
+	s.buckets[bucket].Add(1)
+	s.nanos.Add(uint64(d))
+	s.bytes.Add(uint64(bytes))
+}
+
+// writeTo writes the HTTP metrics in the Prometheus text format.
+func (m *httpMetrics) writeTo(w io.Writer) {
+	routes := []*routeSeries{&m.unmatched}
+	for _, pattern := range slices.Sorted(maps.Keys(m.routes)) {
+		routes = append(routes, m.routes[pattern])
+	}
+	type seen struct {
+		labels string
+		bytes  uint64
+	}
+	var written []seen
+	fmt.Fprint(w, "# HELP http_server_request_duration_seconds Duration of HTTP server requests.\n# TYPE http_server_request_duration_seconds histogram\n")
+	for _, rs := range routes {
+		for mi, method := range metricMethods {
+			for si := range rs.series[mi] {
+				s := &rs.series[mi][si]
+				var counts [len(durationBuckets) + 1]uint64
+				var total uint64
+				for i := range counts {
+					counts[i] = s.buckets[i].Load()
+					total += counts[i]
+				}
+				if total == 0 {
+					continue
+				}
+				status := "_OTHER"
+				if si < len(metricStatuses) {
+					status = strconv.Itoa(metricStatuses[si])
+				}
+				labels := fmt.Sprintf(`http_request_method="%s",http_response_status_code="%s"`, method, status)
+				if rs != &m.unmatched {
+					labels += fmt.Sprintf(`,http_route="%s"`, rs.route)
+				}
+				var cumulative uint64
+				for i, bound := range durationBuckets {
+					cumulative += counts[i]
+					fmt.Fprintf(w, "http_server_request_duration_seconds_bucket{%s,le=\"%s\"} %d\n", labels, formatFloat(bound.Seconds()), cumulative)
+				}
+				fmt.Fprintf(w, "http_server_request_duration_seconds_bucket{%s,le=\"+Inf\"} %d\n", labels, total)
+				fmt.Fprintf(w, "http_server_request_duration_seconds_sum{%s} %s\n", labels, formatFloat(time.Duration(s.nanos.Load()).Seconds()))
+				fmt.Fprintf(w, "http_server_request_duration_seconds_count{%s} %d\n", labels, total)
+				written = append(written, seen{labels, s.bytes.Load()})
+			}
+		}
+	}
+	fmt.Fprint(w, "# HELP http_server_response_body_bytes_total Bytes of HTTP response bodies, as sent (after gzip).\n# TYPE http_server_response_body_bytes_total counter\n")
+	for _, s := range written {
+		fmt.Fprintf(w, "http_server_response_body_bytes_total{%s} %d\n", s.labels, s.bytes)
+	}
+	writeMetric(w, "http_server_active_requests", "gauge", "HTTP requests being served.", float64(m.active.Load()))
+}
+
+// writeMetric writes a metric of one series without labels, with its HELP
+// and TYPE lines.
+func writeMetric(w io.Writer, name, kind, help string, value float64) {
+	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s %s\n", name, help, name, kind, name, formatFloat(value))
+}
+
+func formatFloat(v float64) string { return strconv.FormatFloat(v, 'f', -1, 64) }
+
+// metricsType is the Prometheus text exposition format's content type.
+var metricsType = []string{"text/plain; version=0.0.4; charset=utf-8"}
+
+// serveMetrics answers GET /metrics: the HTTP layer's metrics, the body
+// budget's, then the process's own (cfg.moreMetrics).
+func serveMetrics(cfg handlerConfig) apiFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		buf := new(bytes.Buffer) // a scrape every few seconds: no pool needed
+		cfg.metrics.writeTo(buf)
+		size, free := cfg.bodies.size, cfg.bodies.free.Load()
+		writeMetric(buf, "addrservice_body_budget_used_bytes", "gauge", "Memory held by request bodies being read (-max-body-memory).", float64(size-free))
+		writeMetric(buf, "addrservice_body_budget_limit_bytes", "gauge", "Memory request bodies may hold at once (-max-body-memory).", float64(size))
+		if cfg.moreMetrics != nil {
+			cfg.moreMetrics(buf)
+		}
+		writeBody(w, r, http.StatusOK, metricsType, buf.Bytes())
+		return nil
+	}
+}

@@ -64,7 +64,7 @@ func newTestServerOn(t *testing.T, store Store) *testServer {
 // testConfig is the handlers' configuration in tests: a small -max-body, a
 // budget for four such bodies at once.
 func testConfig(store Store, ready *atomic.Bool) handlerConfig {
-	return handlerConfig{maxBody: testMaxBody, bodies: newBodyBudget(4 * (testMaxBody + 1)), ready: ready, storeReady: readiness(0, store)}
+	return handlerConfig{maxBody: testMaxBody, bodies: newBodyBudget(4 * (testMaxBody + 1)), ready: ready, storeReady: readiness(0, store), metrics: newHTTPMetrics()}
 }
 
 // syncBuffer is a bytes.Buffer safe for the server's goroutines.
@@ -701,7 +701,8 @@ func TestHeadAnswersLikeGet(t *testing.T) {
 
 func TestHealthAndReadiness(t *testing.T) {
 	s := newTestServer(t)
-	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 || string(res.body) != `{"status":"ok"}` {
+	// A test binary has no version or VCS revision of its own.
+	if res := s.do(t, request{method: "GET", path: "/healthz"}); res.status != 200 || string(res.body) != `{"status":"ok","version":"(devel)","revision":"unknown","modified":false}` {
 		t.Errorf("healthz: %d %s", res.status, res.body)
 	}
 	if res := s.do(t, request{method: "GET", path: "/readyz"}); res.status != 200 {
@@ -980,7 +981,7 @@ func TestHeadersAloneReserveLittleOfTheBodyBudget(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	cfg := handlerConfig{maxBody: maxBody, bodies: newBodyBudget(4 * (maxBody + 1)), ready: ready, storeReady: readiness(0, store)}
+	cfg := handlerConfig{maxBody: maxBody, bodies: newBodyBudget(4 * (maxBody + 1)), ready: ready, storeReady: readiness(0, store), metrics: newHTTPMetrics()}
 	srv := httptest.NewServer(newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, cfg))
 	t.Cleanup(srv.Close)
 	s := &testServer{Server: srv, logs: &syncBuffer{}, ready: ready}
@@ -1277,6 +1278,7 @@ func TestRunRejectsBadConfiguration(t *testing.T) {
 		{"shutdown-timeout negative", []string{"-shutdown-timeout", "-1s"}, nil, "-shutdown-timeout"},
 		{"shutdown-timeout not a duration", []string{"-shutdown-timeout", "10"}, nil, "-shutdown-timeout"},
 		{"addr without a port", []string{"-addr", "localhost"}, nil, "-addr"},
+		{"debug-addr without a port", []string{"-debug-addr", "localhost"}, nil, "-debug-addr"},
 		{"unknown flag", []string{"-verbose"}, nil, "-verbose"},
 		{"a stray argument", []string{"serve"}, nil, `"serve"`},
 		{"bad variable", nil, map[string]string{"ADDRSERVICE_MAX_BODY": "lots"}, "ADDRSERVICE_MAX_BODY"},
@@ -1441,10 +1443,15 @@ func TestRunFailsWhenThePortIsTaken(t *testing.T) {
 	defer ln.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // if it serves after all, it stops
 	defer cancel()
-	err = run(ctx, []string{"-addr", ln.Addr().String()}, func(string) string { return "" }, io.Discard, io.Discard)
-	var usage *usageError
-	if err == nil || errors.As(err, &usage) {
-		t.Fatalf("run on a taken port = %v, want a start error (exit status 1)", err)
+	for _, args := range [][]string{
+		{"-addr", ln.Addr().String()},
+		{"-addr", "127.0.0.1:0", "-debug-addr", ln.Addr().String()},
+	} {
+		err = run(ctx, args, func(string) string { return "" }, io.Discard, io.Discard)
+		var usage *usageError
+		if err == nil || errors.As(err, &usage) {
+			t.Errorf("run %v on a taken port = %v, want a start error (exit status 1)", args, err)
+		}
 	}
 }
 
@@ -1464,7 +1471,7 @@ func newPanickyServer(t *testing.T, logs io.Writer, format string) *httptest.Ser
 		w.Write([]byte("partial"))
 		panic("boom after the response began")
 	})
-	srv := httptest.NewServer(withMiddleware(log, mux))
+	srv := httptest.NewServer(withMiddleware(log, newHTTPMetrics(), mux))
 	t.Cleanup(srv.Close)
 	return srv
 }
@@ -1589,7 +1596,7 @@ func TestTextLogFormat(t *testing.T) {
 	s := &testServer{Server: newPanickyServer(t, logs, "text")}
 	s.do(t, request{method: "GET", path: "/healthz", header: map[string]string{"X-Request-ID": "abc-123"}})
 	line := strings.TrimSpace(logs.String())
-	pattern := `^time=\S+ level=INFO msg=request method=GET path=/healthz route="GET /healthz" status=200 bytes=15 duration=\S+ remote=127\.0\.0\.1:\d+ request_id=abc-123$`
+	pattern := `^time=\S+ level=INFO msg=request method=GET path=/healthz route="GET /healthz" status=200 bytes=\d+ duration=\S+ remote=127\.0\.0\.1:\d+ request_id=abc-123$`
 	if !regexp.MustCompile(pattern).MatchString(line) {
 		t.Errorf("text line\n%s\ndoes not match\n%s", line, pattern)
 	}
@@ -2743,8 +2750,8 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 			if content != nil {
 				t.Errorf("openapi.json %s: a %d has no body", where, status)
 			}
-		case len(content) != 1 || content["application/json"] == nil:
-			t.Errorf("openapi.json %s: a %d is application/json", where, status)
+		case len(content) != 1 || content["application/json"] == nil && content[metricsType[0]] == nil:
+			t.Errorf("openapi.json %s: a %d is application/json, or the Prometheus text format", where, status)
 		}
 		if spec.members(spec.at(resp, "headers"))["X-Request-ID"] == nil {
 			t.Errorf("openapi.json %s: X-Request-ID is on every response", where)
@@ -2878,6 +2885,8 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 		{method: "GET", path: "/readyz"},
 		{method: "GET", path: "/openapi.json", header: gzipOK},
 		{method: "HEAD", path: "/openapi.json"},
+		{method: "GET", path: "/metrics", header: gzipOK},
+		{method: "POST", path: "/metrics"},
 	} {
 		check(s, req)
 	}
@@ -2925,6 +2934,292 @@ func TestOpenAPIDocumentsWhatTheServerAnswers(t *testing.T) {
 		}
 	}
 	walk("", spec.doc)
+}
+
+// ---- seeing inside: metrics, build, trace context, the debug listener -------------
+
+// metricLines returns GET /metrics's series lines, checking the format on
+// the way: every series belongs to the family its HELP and TYPE announced.
+func metricLines(t *testing.T, body string) map[string]string {
+	t.Helper()
+	series := map[string]string{}
+	family := ""
+	for _, line := range strings.Split(strings.TrimSuffix(body, "\n"), "\n") {
+		if name, ok := strings.CutPrefix(line, "# TYPE "); ok {
+			family, _, _ = strings.Cut(name, " ")
+			continue
+		}
+		if strings.HasPrefix(line, "# HELP ") {
+			continue
+		}
+		key, value, ok := strings.Cut(line, " ")
+		name, _, _ := strings.Cut(key, "{")
+		base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_bucket"), "_sum"), "_count")
+		if !ok || (name != family && base != family) {
+			t.Errorf("series %q outside its family %q", line, family)
+		}
+		series[key] = value
+	}
+	return series
+}
+
+// TestMetricsCountRequestsByRoute: each request is counted once under its
+// route pattern, method and status; the raw path never becomes a label, and
+// a method or status outside the known set cannot grow the label set.
+func TestMetricsCountRequestsByRoute(t *testing.T) {
+	s := newTestServer(t)
+	id, _ := s.create(t, validEntry)
+	for _, req := range []request{
+		{method: "GET", path: "/addresses/" + id},
+		{method: "GET", path: "/addresses/" + id},
+		{method: "HEAD", path: "/addresses/" + id},
+		{method: "GET", path: "/addresses/0123456789abcdef0123456789abcdef"},
+		{method: "GET", path: "/addresses/"},
+		{method: "GET", path: "/secret-" + id},
+		{method: "BREW", path: "/addresses"},
+		{method: "POST", path: "/addresses", body: `{"full_name":"` + strings.Repeat("a", testMaxBody) + `"}`},
+	} {
+		s.do(t, req)
+	}
+	res := s.do(t, request{method: "GET", path: "/metrics"})
+	if res.status != 200 || res.header.Get("Content-Type") != "text/plain; version=0.0.4; charset=utf-8" {
+		t.Fatalf("GET /metrics: %d, Content-Type %q", res.status, res.header.Get("Content-Type"))
+	}
+	series := metricLines(t, string(res.body))
+	count := func(labels string) string { return series["http_server_request_duration_seconds_count{"+labels+"}"] }
+	for _, tt := range []struct{ labels, want string }{
+		{`http_request_method="POST",http_response_status_code="201",http_route="/addresses"`, "1"},
+		{`http_request_method="GET",http_response_status_code="200",http_route="/addresses/{id}"`, "2"},
+		{`http_request_method="HEAD",http_response_status_code="200",http_route="/addresses/{id}"`, "1"},
+		{`http_request_method="GET",http_response_status_code="404",http_route="/addresses/{id}"`, "1"},
+		{`http_request_method="GET",http_response_status_code="404"`, "2"},    // no route matched: /addresses/ and /secret-…
+		{`http_request_method="_OTHER",http_response_status_code="405"`, "1"}, // BREW
+		{`http_request_method="POST",http_response_status_code="413",http_route="/addresses"`, "1"},
+	} {
+		if got := count(tt.labels); got != tt.want {
+			t.Errorf("count{%s} = %q, want %s", tt.labels, got, tt.want)
+		}
+	}
+	getOne := `http_request_method="GET",http_response_status_code="200",http_route="/addresses/{id}"`
+	if got := series["http_server_request_duration_seconds_bucket{"+getOne+`,le="+Inf"}`]; got != "2" {
+		t.Errorf("+Inf bucket %q, want the count, 2", got)
+	}
+	if got, _ := strconv.Atoi(series["http_server_response_body_bytes_total{"+getOne+"}"]); got != 2*len(validEntry) {
+		t.Errorf("response bytes %d, want %d", got, 2*len(validEntry))
+	}
+	if strings.Contains(string(res.body), id) || strings.Contains(string(res.body), "secret") {
+		t.Error("a raw path is in the metrics")
+	}
+	for _, name := range []string{"http_server_active_requests", "addrservice_body_budget_used_bytes", "addrservice_body_budget_limit_bytes"} {
+		if _, ok := series[name]; !ok {
+			t.Errorf("no %s", name)
+		}
+	}
+	if got := series["addrservice_body_budget_limit_bytes"]; got != strconv.Itoa(4*(testMaxBody+1)) {
+		t.Errorf("body budget limit %s, want %d", got, 4*(testMaxBody+1))
+	}
+}
+
+// TestCountingARequestCostsNoAllocation: the metrics add nothing to the
+// garbage collector's work per request.
+func TestCountingARequestCostsNoAllocation(t *testing.T) {
+	m := newHTTPMetrics()
+	routeTable{http.NewServeMux(), m}.Handle("GET /addresses/{id}", http.NotFoundHandler())
+	if allocs := testing.AllocsPerRun(1000, func() {
+		m.observe("GET /addresses/{id}", "GET", 200, 40*time.Microsecond, 391)
+		m.observe("", "BREW", 999, time.Minute, 0)
+	}); allocs != 0 {
+		t.Errorf("%v allocations per request, want 0", allocs)
+	}
+}
+
+// BenchmarkCountingARequest is what the metrics add to each request.
+func BenchmarkCountingARequest(b *testing.B) {
+	m := newHTTPMetrics()
+	routeTable{http.NewServeMux(), m}.Handle("GET /addresses/{id}", http.NotFoundHandler())
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			m.observe("GET /addresses/{id}", "GET", 200, 40*time.Microsecond, 391)
+		}
+	})
+}
+
+// TestProcessMetrics: the program's /metrics reports connections, the
+// store, lost log lines, the build and the Go runtime, and answers on the
+// debug listener too.
+func TestProcessMetrics(t *testing.T) {
+	p := startRun(t, nil, "-max-store-bytes", "1MiB", "-max-conns", "7", "-debug-addr", "127.0.0.1:0")
+	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: 1}} // one connection, so one is open
+	defer client.CloseIdleConnections()
+	res, err := client.Post("http://"+p.addr+"/addresses", "application/json", strings.NewReader(validEntry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body) // read to the end, or the connection is not reused
+	res.Body.Close()
+	read := func(addr string) map[string]string {
+		res, err := client.Get("http://" + addr + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		body, _ := io.ReadAll(res.Body)
+		return metricLines(t, string(body))
+	}
+	series := read(p.addr)
+	for name, want := range map[string]string{
+		"addrservice_connections_open":     "1",
+		"addrservice_connections_limit":    "7",
+		"addrservice_store_entries":        "1",
+		"addrservice_store_bytes":          strconv.Itoa(len(validEntry)),
+		"addrservice_store_limit_bytes":    strconv.Itoa(1 << 20),
+		"addrservice_log_lines_lost_total": "0",
+		`addrservice_build_info{version="(devel)",revision="unknown",go_version="` + runtime.Version() + `"}`: "1",
+	} {
+		if series[name] != want {
+			t.Errorf("%s = %q, want %s", name, series[name], want)
+		}
+	}
+	for _, name := range []string{"go_goroutines", "go_gc_heap_live_bytes", "go_memory_classes_total_bytes", `go_sched_pauses_total_gc_seconds_bucket{le="+Inf"}`} {
+		if _, ok := series[name]; !ok {
+			t.Errorf("no %s", name)
+		}
+	}
+	if got := read(debugAddr(t, p))["addrservice_store_entries"]; got != "1" {
+		t.Errorf("debug listener's /metrics: store entries %q, want 1", got)
+	}
+}
+
+// debugAddr is where the program's debug listener listens, from its
+// starting line.
+func debugAddr(t *testing.T, p *program) string {
+	t.Helper()
+	for _, rec := range logRecords(t, p.logs.String()) {
+		if addr, _ := rec["debug_addr"].(string); rec["msg"] == "starting" && addr != "" {
+			return addr
+		}
+	}
+	t.Fatal("no debug_addr in the starting line")
+	return ""
+}
+
+// TestDebugListener: profiles, expvar and metrics answer on -debug-addr
+// only; the public listener answers /debug/ with a 404 problem, and neither
+// shows the command line, which may hold a database password.
+func TestDebugListener(t *testing.T) {
+	p := startRun(t, nil, "-debug-addr", "127.0.0.1:0")
+	debug := debugAddr(t, p)
+	for _, tt := range []struct {
+		addr, path string
+		status     int
+		contains   string
+	}{
+		{debug, "/debug/pprof/", 200, "goroutine"},
+		{debug, "/debug/pprof/heap?debug=1", 200, "heap profile"},
+		{debug, "/debug/pprof/goroutine?debug=1", 200, "goroutine profile"},
+		{debug, "/debug/pprof/mutex?debug=1", 200, "mutex"},
+		{debug, "/debug/pprof/block?debug=1", 200, "contention"},
+		{debug, "/debug/pprof/profile?seconds=1", 200, ""},
+		{debug, "/debug/pprof/trace?seconds=0.1", 200, ""},
+		{debug, "/debug/pprof/cmdline", 404, ""},
+		{debug, "/debug/vars", 200, `"memstats"`},
+		{debug, "/metrics", 200, "addrservice_build_info"},
+		{p.addr, "/debug/pprof/", 404, `"status":404`},
+		{p.addr, "/debug/vars", 404, `"status":404`},
+	} {
+		res, err := http.Get("http://" + tt.addr + tt.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != tt.status || !strings.Contains(string(body), tt.contains) {
+			t.Errorf("%s%s: %d, want %d with %q", tt.addr, tt.path, res.StatusCode, tt.status, tt.contains)
+		}
+		for _, arg := range os.Args[1:] { // this test binary's own command line
+			if strings.HasPrefix(arg, "-test.") && strings.Contains(string(body), arg) {
+				t.Errorf("%s%s shows the command line: %s", tt.addr, tt.path, arg)
+			}
+		}
+	}
+}
+
+// TestRunVersionPrintsTheBuild: -version prints the build on stdout and
+// exits 0 without serving; ADDRSERVICE_VERSION, likely a deployment's own
+// variable, is not read as the flag.
+func TestRunVersionPrintsTheBuild(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if err := run(context.Background(), []string{"-version"}, func(string) string { return "" }, &stdout, &stderr); err != nil {
+		t.Fatalf("run -version = %v, want nil (exit status 0)", err)
+	}
+	if want := "addrservice (devel) revision unknown modified false " + runtime.Version() + "\n"; stdout.String() != want {
+		t.Errorf("stdout %q, want %q", stdout.String(), want)
+	}
+	p := startRun(t, map[string]string{"ADDRSERVICE_VERSION": "1.2.3"})
+	for _, rec := range logRecords(t, p.logs.String()) {
+		if rec["msg"] == "starting" && (rec["version"] != "(devel)" || rec["revision"] != "unknown" || rec["modified"] != false) {
+			t.Errorf("starting line: version %v, revision %v, modified %v", rec["version"], rec["revision"], rec["modified"])
+		}
+	}
+}
+
+// TestTraceparent: a valid W3C traceparent puts its trace and parent ids in
+// the request's log line; anything the spec calls invalid is ignored.
+func TestTraceparent(t *testing.T) {
+	const trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+	tests := []struct {
+		name   string
+		header []string
+		valid  bool
+	}{
+		{"sampled", []string{"00-" + trace + "-" + span + "-01"}, true},
+		{"not sampled", []string{"00-" + trace + "-" + span + "-00"}, true},
+		{"a later version, longer", []string{"01-" + trace + "-" + span + "-01-what-comes-next"}, true},
+		{"a later version, same length", []string{"cc-" + trace + "-" + span + "-09"}, true},
+		{"absent", nil, false},
+		{"empty", []string{""}, false},
+		{"version ff", []string{"ff-" + trace + "-" + span + "-01"}, false},
+		{"version 00, longer", []string{"00-" + trace + "-" + span + "-01-x"}, false},
+		{"a later version, longer without a dash", []string{"01-" + trace + "-" + span + "-01x"}, false},
+		{"uppercase hex", []string{"00-" + strings.ToUpper(trace) + "-" + span + "-01"}, false},
+		{"trace id all zeros", []string{"00-00000000000000000000000000000000-" + span + "-01"}, false},
+		{"parent id all zeros", []string{"00-" + trace + "-0000000000000000-01"}, false},
+		{"trace id short", []string{"00-" + trace[1:] + "-" + span + "-01"}, false},
+		{"wrong separator", []string{"00_" + trace + "-" + span + "-01"}, false},
+		{"flags not hex", []string{"00-" + trace + "-" + span + "-0g"}, false},
+		{"version not hex", []string{"0x-" + trace + "-" + span + "-01"}, false},
+		{"twice", []string{"00-" + trace + "-" + span + "-01", "00-" + trace + "-" + span + "-01"}, false},
+	}
+	s := newTestServer(t)
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			reqID := fmt.Sprintf("trace-%d", i)
+			req, _ := http.NewRequest("GET", s.URL+"/healthz", nil)
+			req.Header["X-Request-Id"] = []string{reqID}
+			req.Header["Traceparent"] = tt.header
+			res, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.Body.Close()
+			var rec map[string]any
+			for _, r := range logRecords(t, s.logs.String()) {
+				if r["request_id"] == reqID {
+					rec = r
+				}
+			}
+			if rec == nil {
+				t.Fatal("no request line")
+			}
+			if tt.valid && (rec["trace_id"] != trace || rec["span_id"] != span) {
+				t.Errorf("trace_id %v, span_id %v; want %s, %s", rec["trace_id"], rec["span_id"], trace, span)
+			}
+			if _, ok := rec["trace_id"]; !tt.valid && ok {
+				t.Errorf("an invalid traceparent was logged: trace_id %v", rec["trace_id"])
+			}
+		})
+	}
 }
 
 // ---- performance: the service beside the net/http ceiling ---------------------------
@@ -2991,7 +3286,7 @@ func newBenchBook(b *testing.B, n int) *benchBook {
 	}
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	book.handler = newHandler(log, resources{book: svc}, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(0, store)})
+	book.handler = newHandler(log, resources{book: svc}, handlerConfig{maxBody: 1 << 20, bodies: newBodyBudget(64 << 20), ready: ready, storeReady: readiness(0, store), metrics: newHTTPMetrics()})
 	return book
 }
 

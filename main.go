@@ -12,13 +12,14 @@
 //	GET    /healthz          liveness
 //	GET    /readyz           readiness: 503 while shutting down or while the store refuses writes
 //	GET    /openapi.json     this API's OpenAPI 3.1 description
+//	GET    /metrics          Prometheus metrics (docs/observability.md)
 //
 // Usage:
 //
 //	addrservice [-addr :8080] [-data DIR | -database-url URL] [-log-level info]
 //	            [-log-format text] [-max-body 1MiB] [-max-body-memory 64MiB]
 //	            [-max-store-bytes 128MiB] [-max-conns 4096] [-store-timeout 5s]
-//	            [-shutdown-timeout 10s]
+//	            [-shutdown-timeout 10s] [-debug-addr 127.0.0.1:6060] [-version]
 //
 // Every flag can also be set as ADDRSERVICE_<FLAG>, such as ADDRSERVICE_MAX_BODY;
 // a flag on the command line wins.
@@ -27,7 +28,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"expvar"
 	"flag"
 	"fmt"
 	"io"
@@ -35,9 +38,13 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
 	"strconv"
 	"strings"
 	"sync"
@@ -93,6 +100,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
+	if cfg.version {
+		b := readBuildInfo()
+		fmt.Fprintf(stdout, "addrservice %s revision %s modified %t %s\n", b.Version, b.Revision, b.Modified, b.GoVersion)
+		return nil
+	}
 	return serve(ctx, cfg, stdout, stderr)
 }
 
@@ -109,6 +121,8 @@ type config struct {
 	maxConns        int   // connections served at once; idle ones give way to new ones
 	storeTimeout    time.Duration
 	shutdownTimeout time.Duration
+	debugAddr       string // pprof, expvar and /metrics, on a listener of their own; "" for none
+	version         bool   // print the build and exit
 	timeouts        serverTimeouts
 }
 
@@ -196,6 +210,9 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 	durationFlag("store-timeout", &cfg.storeTimeout, 5*time.Second, "how long one call into the store may take before the request gets 503")
 	durationFlag("shutdown-timeout", &cfg.shutdownTimeout, 10*time.Second, "how long in-flight requests may take to finish after a signal")
 
+	fs.StringVar(&cfg.debugAddr, "debug-addr", "", "serve pprof, expvar and /metrics on this `address` too, such as 127.0.0.1:6060; keep it private (default none)")
+	fs.BoolVar(&cfg.version, "version", false, "print the version and VCS revision of this build, and exit")
+
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintln(usageOut, "Usage: addrservice [flags]\n\nEach flag can also be set as ADDRSERVICE_<FLAG> (ADDRSERVICE_MAX_BODY); the flag wins.\n\nFlags:")
@@ -214,7 +231,9 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 	fs.VisitAll(func(f *flag.Flag) {
 		name := "ADDRSERVICE_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
 		value := getenv(name)
-		if given[f.Name] || value == "" || envErr != nil {
+		// ADDRSERVICE_VERSION is too likely to be set for other reasons
+		// (a deployment's own version) to be read as -version.
+		if given[f.Name] || value == "" || envErr != nil || f.Name == "version" {
 			return
 		}
 		if err := fs.Set(f.Name, value); err != nil {
@@ -227,6 +246,9 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 	}
 	if _, _, err := net.SplitHostPort(cfg.addr); err != nil {
 		return cfg, &usageError{fmt.Sprintf("invalid value %q for -addr (or ADDRSERVICE_ADDR): must be host:port, such as :8080", cfg.addr)}
+	}
+	if _, _, err := net.SplitHostPort(cfg.debugAddr); err != nil && cfg.debugAddr != "" {
+		return cfg, &usageError{fmt.Sprintf("invalid value %q for -debug-addr (or ADDRSERVICE_DEBUG_ADDR): must be host:port, such as 127.0.0.1:6060", cfg.debugAddr)}
 	}
 	// The URL is never quoted back: it may hold a password.
 	if cfg.databaseURL != "" && cfg.dataDir != "" {
@@ -306,16 +328,35 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		return err
 	}
 	maxConns := connectionLimit(cfg.maxConns)
-	limited := newLimitListener(ln, maxConns)
+	conns := newLimitListener(ln, maxConns)
+
+	build := readBuildInfo()
+	httpStats := newHTTPMetrics()
+	processMetrics := func(w io.Writer) {
+		writeMetric(w, "addrservice_connections_open", "gauge", "Client connections open.", float64(conns.open.Load()))
+		writeMetric(w, "addrservice_connections_limit", "gauge", "Client connections served at once (-max-conns); more wait to be accepted.", float64(maxConns))
+		// A second resource's store is measured by adding it here.
+		if s, ok := entryStore.(interface{ Size() (int, int64, int64) }); ok {
+			entries, bytes, limit := s.Size()
+			writeMetric(w, "addrservice_store_entries", "gauge", "Entries in the address book.", float64(entries))
+			writeMetric(w, "addrservice_store_bytes", "gauge", "Bytes of the stored entries' JSON.", float64(bytes))
+			writeMetric(w, "addrservice_store_limit_bytes", "gauge", "Largest total of the stored entries' JSON (-max-store-bytes; 0: none).", float64(limit))
+		}
+		writeMetric(w, "addrservice_log_lines_lost_total", "counter", "Log lines dropped because the log output failed or fell too far behind.", float64(logs.lost.Load()))
+		build.writeMetric(w)
+		writeRuntimeMetrics(w)
+	}
 
 	var ready atomic.Bool
 	ready.Store(true)
 	srv := &http.Server{
 		Handler: newHandler(log, resources{book: NewCollection[Entry](entryStore, log, cfg.storeTimeout)}, handlerConfig{
-			maxBody:    cfg.maxBody,
-			bodies:     newBodyBudget(cfg.maxBodyMemory),
-			ready:      &ready,
-			storeReady: readiness(time.Second, stores...),
+			maxBody:     cfg.maxBody,
+			bodies:      newBodyBudget(cfg.maxBodyMemory),
+			ready:       &ready,
+			storeReady:  readiness(time.Second, stores...),
+			metrics:     httpStats,
+			moreMetrics: processMetrics,
 		}),
 		ReadHeaderTimeout: cfg.timeouts.readHeader,
 		ReadTimeout:       cfg.timeouts.read,
@@ -326,18 +367,42 @@ func serve(ctx context.Context, cfg config, logOut, stderr io.Writer) error {
 		// with an X-Request-ID like every other request.
 		DisableGeneralOptionsHandler: true,
 		ErrorLog:                     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-		ConnState:                    limited.connState,
+		ConnState:                    conns.connState,
+	}
+
+	debugAddr := ""
+	if cfg.debugAddr != "" {
+		dln, err := net.Listen("tcp", cfg.debugAddr)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("-debug-addr: %w", err)
+		}
+		debugAddr = dln.Addr().String()
+		// No write timeout: a CPU profile or a trace answers after as many
+		// seconds as it was asked for.
+		dsrv := &http.Server{
+			Handler:           debugHandler(srv.Handler), // its /metrics is the public one's, counted there too
+			ReadHeaderTimeout: cfg.timeouts.readHeader,
+			ErrorLog:          srv.ErrorLog,
+		}
+		go dsrv.Serve(dln)
+		defer dsrv.Close()
+		// Mutex and block profiles are empty unless sampled; these rates
+		// cost little and are set only when someone can read them.
+		runtime.SetMutexProfileFraction(100)
+		runtime.SetBlockProfileRate(int(100 * time.Microsecond))
 	}
 	settings := []any{"addr", ln.Addr().String(), "store", cfg.storeKind(), "data", cfg.dataDir, "log_level", cfg.logLevel.String(),
 		"max_body", cfg.maxBody, "max_body_memory", cfg.maxBodyMemory, "max_conns", maxConns,
-		"store_timeout", cfg.storeTimeout.String(), "shutdown_timeout", cfg.shutdownTimeout.String()}
+		"store_timeout", cfg.storeTimeout.String(), "shutdown_timeout", cfg.shutdownTimeout.String(), "debug_addr", debugAddr,
+		"version", build.Version, "revision", build.Revision, "modified", build.Modified}
 	if cfg.storeKind() != "database" { // a database's size is not limited here
 		settings = append(settings, "max_store_bytes", cfg.maxStoreBytes)
 	}
 	log.Info("starting", settings...)
 
 	served := make(chan error, 1)
-	go func() { served <- srv.Serve(limited) }()
+	go func() { served <- srv.Serve(conns) }()
 	select {
 	case err := <-served:
 		return err
@@ -393,6 +458,7 @@ const descriptorReserve = 128
 type limitListener struct {
 	net.Listener
 	slots     chan struct{}
+	open      atomic.Int64 // connections accepted and not yet closed, for /metrics
 	closed    chan struct{}
 	closeOnce sync.Once
 
@@ -432,7 +498,8 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		<-l.slots
 		return nil, err
 	}
-	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
+	l.open.Add(1)
+	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.open.Add(-1); <-l.slots })}, nil
 }
 
 // setWaiting records whether Accept waits for a slot; when it does, the
@@ -529,7 +596,7 @@ func openStore(ctx context.Context, cfg config, log *slog.Logger, resource, subd
 	if err != nil {
 		return nil, err
 	}
-	if size, limit := store.Size(); limit > 0 && size > limit {
+	if _, size, limit := store.Size(); limit > 0 && size > limit {
 		log.Warn("the stored records are over -max-store-bytes; creates are refused until deletes make room",
 			"resource", resource, "bytes", size, "max_store_bytes", limit)
 	}
@@ -705,4 +772,119 @@ func warn(w io.Writer, msg string) {
 	case <-done:
 	case <-time.After(100 * time.Millisecond):
 	}
+}
+
+// buildInfo says which build is running, from what the Go toolchain wrote
+// into the binary: the module version (a pseudo-version made from the VCS
+// revision when built from a checkout), the revision, and whether the tree
+// had changes not committed.
+type buildInfo struct {
+	Version   string `json:"version"`
+	Revision  string `json:"revision"`
+	Modified  bool   `json:"modified"`
+	GoVersion string `json:"-"`
+}
+
+func readBuildInfo() buildInfo {
+	b := buildInfo{Version: "(devel)", Revision: "unknown", GoVersion: runtime.Version()}
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return b
+	}
+	if info.Main.Version != "" { // empty in a test binary
+		b.Version = info.Main.Version
+	}
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			b.Revision = s.Value
+		case "vcs.modified":
+			b.Modified = s.Value == "true"
+		}
+	}
+	return b
+}
+
+// writeMetric writes the addrservice_build_info convention's gauge: always
+// 1, the build in its labels, so a query can join any series to the build
+// that produced it.
+func (b buildInfo) writeMetric(w io.Writer) {
+	fmt.Fprintf(w, "# HELP addrservice_build_info The build that is running.\n# TYPE addrservice_build_info gauge\n"+
+		"addrservice_build_info{version=%q,revision=%q,go_version=%q} 1\n", b.Version, b.Revision, b.GoVersion)
+}
+
+// runtimeMetrics are the Go runtime's own figures /metrics reports, named
+// as the Prometheus Go client names them, so existing dashboards read them.
+var runtimeMetrics = []struct{ sample, name, kind, help string }{
+	{"/sched/goroutines:goroutines", "go_goroutines", "gauge", "Goroutines that currently exist."},
+	{"/sched/gomaxprocs:threads", "go_sched_gomaxprocs_threads", "gauge", "GOMAXPROCS: threads that may run Go code at once."},
+	{"/gc/heap/live:bytes", "go_gc_heap_live_bytes", "gauge", "Heap memory the last GC found live."},
+	{"/memory/classes/heap/objects:bytes", "go_memory_classes_heap_objects_bytes", "gauge", "Heap memory in objects, live or not yet swept."},
+	{"/memory/classes/total:bytes", "go_memory_classes_total_bytes", "gauge", "All memory the Go runtime has mapped."},
+	{"/gc/cycles/total:gc-cycles", "go_gc_cycles_total", "counter", "Completed GC cycles."},
+}
+
+// gcPauseBuckets are the bounds, in seconds, of the GC pause histogram;
+// the runtime's own has some hundred finer buckets.
+var gcPauseBuckets = []float64{10e-6, 50e-6, 100e-6, 500e-6, 1e-3, 5e-3, 10e-3, 50e-3, 100e-3, 1}
+
+// writeRuntimeMetrics reads runtime/metrics and writes the figures above and
+// the histogram of GC pauses (stop-the-world time, which a request waits
+// through).
+func writeRuntimeMetrics(w io.Writer) {
+	samples := make([]metrics.Sample, len(runtimeMetrics)+1)
+	for i, m := range runtimeMetrics {
+		samples[i].Name = m.sample
+	}
+	samples[len(runtimeMetrics)].Name = "/sched/pauses/total/gc:seconds"
+	metrics.Read(samples)
+	for i, m := range runtimeMetrics {
+		if samples[i].Value.Kind() == metrics.KindUint64 {
+			writeMetric(w, m.name, m.kind, m.help, float64(samples[i].Value.Uint64()))
+		}
+	}
+	if samples[len(runtimeMetrics)].Value.Kind() != metrics.KindFloat64Histogram {
+		return
+	}
+	h := samples[len(runtimeMetrics)].Value.Float64Histogram()
+	fmt.Fprint(w, "# HELP go_sched_pauses_total_gc_seconds Stop-the-world pauses for garbage collection; no sum, which the runtime does not keep.\n# TYPE go_sched_pauses_total_gc_seconds histogram\n")
+	var cumulative, total uint64
+	i := 0 // h.Counts[i] counts pauses from h.Buckets[i] up to h.Buckets[i+1]
+	for _, bound := range gcPauseBuckets {
+		for ; i < len(h.Counts) && h.Buckets[i+1] <= bound; i++ {
+			cumulative += h.Counts[i]
+		}
+		fmt.Fprintf(w, "go_sched_pauses_total_gc_seconds_bucket{le=\"%s\"} %d\n", formatFloat(bound), cumulative)
+	}
+	for _, n := range h.Counts {
+		total += n
+	}
+	fmt.Fprintf(w, "go_sched_pauses_total_gc_seconds_bucket{le=\"+Inf\"} %d\ngo_sched_pauses_total_gc_seconds_count %d\n", total, total)
+}
+
+// debugHandler serves what an operator needs to look inside the process,
+// on a listener of its own that the public never reaches: profiles and
+// traces (net/http/pprof), expvar, and the public listener's /metrics.
+// The pprof handlers are registered here by hand; importing net/http/pprof
+// also puts them on http.DefaultServeMux, which nothing serves. The command
+// line is left out of both pprof and expvar: it may hold -database-url's
+// password.
+func debugHandler(public http.Handler) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index) // heap, goroutine, mutex, block, allocs, threadcreate by name
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	mux.HandleFunc("GET /debug/vars", func(w http.ResponseWriter, r *http.Request) {
+		vars := map[string]json.RawMessage{}
+		expvar.Do(func(kv expvar.KeyValue) {
+			if kv.Key != "cmdline" {
+				vars[kv.Key] = json.RawMessage(kv.Value.String())
+			}
+		})
+		w.Header()["Content-Type"] = jsonType
+		json.NewEncoder(w).Encode(vars)
+	})
+	mux.Handle("GET /metrics", public)
+	return mux
 }

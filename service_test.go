@@ -891,7 +891,7 @@ func TestStoreSizeLimit(t *testing.T) {
 				if err := step.do(); !errors.Is(err, step.want) {
 					t.Fatalf("%s: %v, want %v", step.name, err, step.want)
 				}
-				if got, _ := s.Size(); got != step.size {
+				if _, got, _ := s.Size(); got != step.size {
 					t.Fatalf("%s: size %d, want %d", step.name, got, step.size)
 				}
 			}
@@ -908,8 +908,8 @@ func TestStoreSizeLimit(t *testing.T) {
 					t.Fatalf("a directory over the limit must still open: %v", err)
 				}
 				defer s2.Close()
-				if got, limit := s2.Size(); got != 34 || limit != 20 {
-					t.Errorf("reopened size %d of %d, want 34 of 20", got, limit)
+				if n, got, limit := s2.Size(); n != 2 || got != 34 || limit != 20 {
+					t.Errorf("reopened: %d entries, size %d of %d, want 2 entries, 34 of 20", n, got, limit)
 				}
 				if err := s2.Insert(ctx, ID{4}, small); !errors.Is(err, ErrStoreFull) {
 					t.Errorf("create over the limit after a restart: %v, want ErrStoreFull", err)

@@ -174,11 +174,12 @@ func OpenMapStore(dir string, maxBytes int64, load func([]byte) (Record, error))
 	return s, nil
 }
 
-// Size returns the bytes of JSON the store holds and its limit (0: none).
-func (s *MapStore) Size() (bytes, limit int64) {
+// Size returns the entries the store holds, their bytes of JSON, and its
+// limit (0: none). /metrics reports it, for any store that has it.
+func (s *MapStore) Size() (entries int, bytes, limit int64) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	return s.bytes, s.maxBytes
+	return len(s.records), s.bytes, s.maxBytes
 }
 
 // Insert adds a record under an id not in use.
