@@ -757,7 +757,7 @@ func validRequestID(id string) bool {
 // newRequestID returns 32 hex characters: 64 random bits fixed per process,
 // so ids from different instances do not collide, then a counter, so each
 // id costs an increment rather than a call for random bytes (which cost 5%
-// of a GET's CPU; see PERFORMANCE.md).
+// of a GET's CPU; see docs/performance.md).
 func newRequestID() string {
 	var b [32]byte
 	binary.BigEndian.PutUint64(b[16:], requestIDPrefix)

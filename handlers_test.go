@@ -2422,26 +2422,29 @@ func TestOpenAPILimitsAreTheDecoders(t *testing.T) {
 		}
 	}
 
-	// Every schema within Entry: strings and lists limited, integers
-	// positive int64s, objects closed, with the fields of the model.
-	models := map[string]reflect.Type{"Entry": reflect.TypeFor[Entry](), "Address": reflect.TypeFor[Address](),
-		"Phone": reflect.TypeFor[Phone](), "Email": reflect.TypeFor[Email]()}
-	var walk func(at string, schema json.RawMessage)
-	walk = func(at string, schema json.RawMessage) {
+	// Every resource's schema, and every schema within it: strings and
+	// lists limited, integers positive int64s, objects closed, with the
+	// fields of their Go types. The resources are the fields of resources,
+	// so a resource added to a copy is checked against its own type.
+	var walk func(at string, schema json.RawMessage, model reflect.Type)
+	walk = func(at string, schema json.RawMessage, model reflect.Type) {
 		m := spec.members(schema)
 		if ref := spec.text(m["$ref"]); ref != "" { // and its own keywords beside it, below
-			walk(strings.TrimPrefix(ref, "#/components/schemas/"), spec.resolve(ref))
+			walk(strings.TrimPrefix(ref, "#/components/schemas/"), spec.resolve(ref), model)
+		}
+		for model.Kind() == reflect.Pointer || model.Kind() == reflect.Slice {
+			model = model.Elem()
 		}
 		switch spec.text(m["type"]) {
 		case "string":
-			if got := spec.number(m["maxLength"]); got != maxTextLength && m["enum"] == nil {
-				t.Errorf("openapi.json %s: maxLength %d, want %d", at, got, maxTextLength)
+			if got := spec.number(m["maxLength"]); (got < 1 || got > maxTextLength) && m["enum"] == nil {
+				t.Errorf("openapi.json %s: maxLength %d, want 1 to %d: the decoder refuses longer text", at, got, maxTextLength)
 			}
 		case "array":
 			if got := spec.number(m["maxItems"]); got != maxListItems {
 				t.Errorf("openapi.json %s: maxItems %d, want %d", at, got, maxListItems)
 			}
-			walk(at+"[]", m["items"])
+			walk(at+"[]", m["items"], model)
 		case "integer":
 			if max := spec.number(m["maximum"]); spec.number(m["minimum"]) != 1 || max < 1 || max > maxInteger || spec.text(m["format"]) != "int64" {
 				t.Errorf("openapi.json %s: want minimum 1, a maximum up to %d and format int64", at, maxInteger)
@@ -2451,27 +2454,36 @@ func TestOpenAPILimitsAreTheDecoders(t *testing.T) {
 				t.Errorf("openapi.json %s: additionalProperties %s, want false: unknown fields are refused", at, m["additionalProperties"])
 			}
 			properties := spec.members(m["properties"])
-			if model, ok := models[at]; ok {
-				var fields []string
-				for i := range model.NumField() {
-					name, _, _ := strings.Cut(model.Field(i).Tag.Get("json"), ",")
-					fields = append(fields, name)
-				}
-				if got := slices.Sorted(maps.Keys(properties)); !slices.Equal(got, slices.Sorted(slices.Values(fields))) {
-					t.Errorf("openapi.json %s: properties %v, want the fields of %s: %v", at, got, model.Name(), fields)
-				}
+			fields := map[string]reflect.Type{}
+			for i := range model.NumField() {
+				name, _, _ := strings.Cut(model.Field(i).Tag.Get("json"), ",")
+				fields[name] = model.Field(i).Type
+			}
+			if got, want := slices.Sorted(maps.Keys(properties)), slices.Sorted(maps.Keys(fields)); !slices.Equal(got, want) {
+				t.Errorf("openapi.json %s: properties %v, want the fields of %s: %v", at, got, model.Name(), want)
 			}
 			for name, p := range properties {
-				walk(at+"."+name, p)
+				if fields[name] != nil {
+					walk(at+"."+name, p, fields[name])
+				}
 			}
 		}
 		var oneOf []json.RawMessage
 		json.Unmarshal(m["oneOf"], &oneOf)
 		for i, sub := range oneOf {
-			walk(fmt.Sprintf("%s.oneOf[%d]", at, i), sub)
+			walk(fmt.Sprintf("%s.oneOf[%d]", at, i), sub, model)
 		}
 	}
-	walk("Entry", spec.at(schemas, "Entry"))
+	resourceTypes := reflect.TypeFor[resources]()
+	for i := range resourceTypes.NumField() {
+		create, _ := resourceTypes.Field(i).Type.MethodByName("Create")
+		model := create.Type.In(2) // Create(c, ctx, v T)
+		if spec.at(schemas, model.Name()) == nil {
+			t.Errorf("openapi.json has no schema %s for the resource %s", model.Name(), resourceTypes.Field(i).Name)
+			continue
+		}
+		walk(model.Name(), spec.at(schemas, model.Name()), model)
+	}
 
 	// Required fields: what the decoder says "is required" of an empty
 	// object at the top and as the item of each list.

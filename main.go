@@ -258,7 +258,7 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 		return cfg, &usageError{"-max-store-bytes (or ADDRSERVICE_MAX_STORE_BYTES) bounds the memory and -data stores; with -database-url the database's size is the database's to limit: unset it"}
 	}
 	if cfg.databaseURL != "" && openDatabase == nil {
-		return cfg, &usageError{"-database-url (or ADDRSERVICE_DATABASE_URL) is set, but this build has no PostgreSQL store: copy testdata/postgres/postgres.go beside main.go as the README says (Outgrowing one machine)"}
+		return cfg, &usageError{"-database-url (or ADDRSERVICE_DATABASE_URL) is set, but this build has no PostgreSQL store: copy testdata/postgres/postgres.go beside main.go as the README says (Swap the store)"}
 	}
 	if cfg.maxBodyMemory <= cfg.maxBody {
 		return cfg, &usageError{fmt.Sprintf("-max-body-memory (%d) must be larger than -max-body (%d), or no body of the largest size could ever be read", cfg.maxBodyMemory, cfg.maxBody)}

@@ -295,34 +295,12 @@ func TestParseEntryListsAtMostAHundredErrors(t *testing.T) {
 	}
 }
 
-// TestSampleEntriesAreValid: the README's and tests' samples obey the rules.
+// TestSampleEntriesAreValid: the samples the README's session posts obey the rules.
 func TestSampleEntriesAreValid(t *testing.T) {
 	for name, body := range sampleEntries(t) {
 		if _, err := ParseEntry(body); err != nil {
 			t.Errorf("%s: %v", name, err)
 		}
-	}
-}
-
-// TestREADMEShowsTheSampleItPosts: the entry the README shows is, but for
-// spacing, the file its session posts.
-func TestREADMEShowsTheSampleItPosts(t *testing.T) {
-	readme, err := os.ReadFile("README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, after, ok := bytes.Cut(readme, []byte("An entry: `testdata/ada-lovelace.json`"))
-	_, block, ok2 := bytes.Cut(after, []byte("```json\n"))
-	block, _, ok3 := bytes.Cut(block, []byte("```"))
-	if !ok || !ok2 || !ok3 {
-		t.Fatal("README.md no longer shows testdata/ada-lovelace.json in a json block")
-	}
-	var shown bytes.Buffer
-	if err := json.Compact(&shown, block); err != nil {
-		t.Fatalf("the README's sample is not JSON: %v", err)
-	}
-	if file := sampleEntries(t)["testdata/ada-lovelace.json"]; !bytes.Equal(shown.Bytes(), file) {
-		t.Errorf("the README shows\n%s\nbut the file holds\n%s", shown.Bytes(), file)
 	}
 }
 

@@ -3,7 +3,7 @@ package main
 // This file is a Store on PostgreSQL, for instances of the service that share
 // one database. It lives under testdata/, which the go tool ignores, so that
 // the service's module needs no driver until this file is wanted. To use it,
-// follow the README ("Outgrowing one machine"): copy this file beside
+// follow the README ("Swap the store"): copy this file beside
 // main.go, go get the driver, set -database-url. Its init sets openDatabase
 // (main.go), so no other file changes. ./check.sh postgres follows the same
 // steps on a copy of the project and a throwaway database.
