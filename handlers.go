@@ -224,6 +224,7 @@ func listItems[T any](c *Collection[T]) apiFunc {
 		// Pieces are gathered into chunks before they go to the connection:
 		// written one by one, a page of small entries costs a system call
 		// per 4 KiB (net/http's buffer), twice the CPU of the whole request.
+		// With no chunk buffer free, the page goes out piece by piece.
 		var chunks io.Writer = out
 		if bw, ok := chunkWriters.get(); ok {
 			bw.Reset(out)
@@ -651,13 +652,14 @@ func (s *scarce[T]) put(v T) {
 
 // A gzip writer holds about 1.2 MiB (measured: flate's tables): 16 keep
 // both cores of a small machine busy compressing, at most 19 MiB. A list
-// page gathers 16 KiB before writing: 64 of those are 1 MiB.
+// page gathers 64 KiB before writing (smaller chunks cost throughput and
+// tail latency: docs/performance.md): 64 of those are 4 MiB.
 var (
 	gzipWriters = newScarce(16, func() *gzip.Writer {
 		zw, _ := gzip.NewWriterLevel(io.Discard, gzip.BestSpeed)
 		return zw
 	})
-	chunkWriters = newScarce(64, func() *bufio.Writer { return bufio.NewWriterSize(nil, 16<<10) })
+	chunkWriters = newScarce(64, func() *bufio.Writer { return bufio.NewWriterSize(nil, 64<<10) })
 )
 
 // problem is an RFC 9457 problem details body.
