@@ -203,7 +203,7 @@ func (c *Collection[T]) call(ctx context.Context, fn func(ctx context.Context) e
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	err := fn(ctx)
-	if err != nil && errors.Is(err, context.DeadlineExceeded) {
+	if errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, ErrUnavailable) { // a store may have said so itself
 		return fmt.Errorf("%w (%w)", ErrUnavailable, err)
 	}
 	return err
