@@ -367,31 +367,42 @@ func readBody(w http.ResponseWriter, r *http.Request, maxBody int64, bodies *bod
 	if ct := r.Header.Get("Content-Type"); ct != "" && !isJSONType(ct) {
 		return nil, nil, &httpError{status: http.StatusUnsupportedMediaType, detail: "the body must be JSON: Content-Type application/json"}
 	}
-	if r.ContentLength > maxBody {
-		return nil, nil, tooLarge(maxBody)
-	}
-	var body io.Reader = http.MaxBytesReader(w, r.Body, maxBody)
+	gzipped := false
 	switch enc := r.Header.Values("Content-Encoding"); {
 	case len(enc) == 0 || len(enc) == 1 && strings.EqualFold(enc[0], "identity"):
 	case len(enc) == 1 && (strings.EqualFold(enc[0], "gzip") || strings.EqualFold(enc[0], "x-gzip")):
-		zr, err := gzip.NewReader(body)
-		if err != nil {
-			return nil, nil, bodyError(err)
-		}
-		defer zr.Close()
-		body = zr
+		gzipped = true
 	default:
 		return nil, nil, &httpError{status: http.StatusUnsupportedMediaType, detail: "Content-Encoding must be gzip or absent"}
 	}
-	// The buffer grows as the body arrives, each step taken from the budget
-	// before it is allocated, so a request holds at most twice what it has
-	// sent, and firstRead before any of it: a Content-Length promises
-	// nothing, and headers alone cannot reserve the budget. With
-	// Content-Length, the last step is exactly that size, so a body up to
-	// firstRead is read with one allocation.
+	if r.ContentLength > maxBody {
+		return nil, nil, tooLarge(maxBody)
+	}
+	// The body is read as it arrives, and only then decoded, in memory: so
+	// what a slow client holds is what it has sent, never what a few bytes of
+	// gzip would expand to.
+	body, release, err := readAll(http.MaxBytesReader(w, r.Body, maxBody), r.ContentLength, maxBody, bodies)
+	if err != nil || !gzipped {
+		return body, release, err
+	}
+	defer release()
+	zr, err := gzip.NewReader(bytes.NewReader(body))
+	if err != nil {
+		return nil, nil, bodyError(err)
+	}
+	return readAll(zr, -1, maxBody, bodies)
+}
+
+// readAll reads src, at most maxBody bytes (413 past them), into a buffer
+// that grows as the bytes come, each step taken from the budget before it
+// is allocated: a reader holds at most twice what it has read, and firstRead
+// before any of it, so a Content-Length promises nothing and headers alone
+// cannot reserve the budget. With a known size (Content-Length) the last
+// step is exactly that, so a body of up to firstRead takes one allocation.
+func readAll(src io.Reader, knownSize, maxBody int64, bodies *bodyBudget) ([]byte, func(), error) {
 	end := maxBody + 1 // +1: room to see the end without growing
-	if _, gzipped := body.(*gzip.Reader); r.ContentLength >= 0 && !gzipped {
-		end = r.ContentLength + 1
+	if knownSize >= 0 {
+		end = min(end, knownSize+1)
 	}
 	size := min(end, firstRead)
 	held := int64(0)
@@ -410,21 +421,20 @@ func readBody(w http.ResponseWriter, r *http.Request, maxBody int64, bodies *bod
 			buf = grown
 			size = min(2*size, end)
 		}
-		n, err := body.Read(buf[len(buf):cap(buf)])
+		n, err := src.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
 		if int64(len(buf)) > maxBody {
 			release()
 			return nil, nil, tooLarge(maxBody)
 		}
 		if err == io.EOF {
-			break
+			return buf, release, nil
 		}
 		if err != nil {
 			release()
 			return nil, nil, bodyError(err)
 		}
 	}
-	return buf, release, nil
 }
 
 // firstRead is what a request body may reserve before any of it arrives.

@@ -973,8 +973,9 @@ func TestContentLengthOverMaxBodyIs413AtOnce(t *testing.T) {
 // upload gets 503 with Retry-After at once, and healthz still answers; when
 // the slow ones finish, uploads work again.
 // TestHeadersAloneReserveLittleOfTheBodyBudget: the budget counts bytes
-// that arrived, not bytes a Content-Length promised, so connections that send
-// headers and no body cannot lock out small requests.
+// that arrived, not bytes a Content-Length promised nor what a little gzip
+// would expand to, so connections that send headers and no body, or a
+// stalled gzip stream, cannot lock out small requests.
 func TestHeadersAloneReserveLittleOfTheBodyBudget(t *testing.T) {
 	const maxBody = 64 << 10
 	store := NewMapStore(0)
@@ -989,6 +990,15 @@ func TestHeadersAloneReserveLittleOfTheBodyBudget(t *testing.T) {
 	// Sixteen promises of the largest body: as reservations, four times the budget.
 	for range 16 {
 		s.dial(t, head, "")
+	}
+	// Sixteen more send a few dozen bytes of gzip that would decode to the
+	// largest body, then stall: what they hold is what they sent.
+	var zipped bytes.Buffer
+	zw := gzip.NewWriter(&zipped)
+	zw.Write([]byte(`{"full_name":"` + strings.Repeat(" ", maxBody-20)))
+	zw.Flush()
+	for range 16 {
+		s.dial(t, fmt.Sprintf("POST /addresses HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n", zipped.Len()+1000), zipped.String())
 	}
 	time.Sleep(100 * time.Millisecond) // the server reads their headers
 	for i := range 5 {
