@@ -59,7 +59,7 @@ func newHandler(log *slog.Logger, res resources, cfg handlerConfig) http.Handler
 // patterns.
 func addRoutes(mux interface{ Handle(string, http.Handler) }, log *slog.Logger, res resources, cfg handlerConfig) {
 	mux.Handle("POST /addresses", handle(log, createItem(res.book, ParseEntry, cfg)))
-	mux.Handle("GET /addresses", handle(log, listItems(res.book)))
+	mux.Handle("GET /addresses", handle(log, listItems(res.book, cfg)))
 	mux.Handle("GET /addresses/{id}", handle(log, getItem(res.book)))
 	mux.Handle("PUT /addresses/{id}", handle(log, replaceItem(res.book, ParseEntry, cfg)))
 	mux.Handle("DELETE /addresses/{id}", handle(log, deleteItem(res.book)))
@@ -198,7 +198,7 @@ func deleteItem[T any](c *Collection[T]) apiFunc {
 	}
 }
 
-func listItems[T any](c *Collection[T]) apiFunc {
+func listItems[T any](c *Collection[T], cfg handlerConfig) apiFunc {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		limit, after, err := pageQuery(r)
 		if err != nil {
@@ -208,6 +208,25 @@ func listItems[T any](c *Collection[T]) apiFunc {
 		if err != nil {
 			return err
 		}
+		// A page keeps the JSON it sends until its client has read it, even
+		// once the store has let go of it (replaced, deleted). So a page is
+		// at most maxBody bytes of JSON, or its first entry, with Link to
+		// the rest, and those bytes are taken from the budget request bodies
+		// use: one account of what clients hold in flight.
+		held := 0
+		for i, it := range page.Items {
+			if i > 0 && int64(held+len(it.JSON)) > cfg.maxBody {
+				clear(page.Items[i:]) // nothing kept of what is not sent
+				page.Items, page.More = page.Items[:i], true
+				break
+			}
+			held += len(it.JSON)
+		}
+		if !cfg.bodies.take(int64(held)) {
+			return &httpError{status: http.StatusServiceUnavailable, retryAfter: 1,
+				detail: "the server is sending as many pages as its memory allows; try again shortly"}
+		}
+		defer cfg.bodies.give(int64(held))
 		// The page is written as it is produced, never held whole: a
 		// client that reads slowly, or not at all, holds the stored JSON it
 		// is being sent, which the store holds anyway, and nothing more.

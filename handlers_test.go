@@ -629,6 +629,67 @@ func TestSlowReadersHoldNoCopyOfThePage(t *testing.T) {
 	}
 }
 
+// TestPagesAreBoundedAndAccounted: a page holds at most -max-body bytes of
+// JSON (or its first entry), with Link to the rest, and what a page being
+// sent holds is taken from the in-flight budget: readers that stall cannot
+// keep more than it, however often the store replaces what they hold.
+func TestPagesAreBoundedAndAccounted(t *testing.T) {
+	const maxBody = 8 << 20
+	store := NewMapStore(0)
+	log := slog.New(slog.DiscardHandler)
+	ready := new(atomic.Bool)
+	ready.Store(true)
+	cfg := handlerConfig{maxBody: maxBody, bodies: newBodyBudget(2*maxBody + 2), ready: ready, storeReady: readiness(0, store), metrics: newHTTPMetrics()}
+	srv := httptest.NewServer(newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, cfg))
+	t.Cleanup(srv.Close)
+	s := &testServer{Server: srv, logs: &syncBuffer{}, ready: ready}
+	big := `{"full_name":"` + strings.Repeat("x", 1<<20-16) + `"}` // 1 MiB
+	var ids idGenerator
+	for range 20 {
+		if err := store.Insert(context.Background(), ids.next(), Record{JSON: []byte(big)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res := s.do(t, request{method: "GET", path: "/addresses?limit=1000"})
+	if n := strings.Count(string(res.body), `"full_name"`); res.status != 200 || n != 8 || !strings.Contains(res.header.Get("Link"), `rel="next"`) {
+		t.Fatalf("a page of 1 MiB entries: %d, %d entries, Link %q; want 200, 8 entries (-max-body is 8 MiB) and a Link", res.status, n, res.header.Get("Link"))
+	}
+	var stalled []net.Conn
+	t.Cleanup(func() { // before the server closes, which waits for their requests
+		for _, c := range stalled {
+			c.Close()
+		}
+	})
+	for range 2 { // two stalled readers of 8 MiB pages hold the 16 MiB budget
+		c, err := net.Dial("tcp", s.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		stalled = append(stalled, c)
+		io.WriteString(c, "GET /addresses?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+	}
+	var busy response
+	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(20 * time.Millisecond) {
+		if busy = s.do(t, request{method: "GET", path: "/addresses?limit=1"}); busy.status == 503 {
+			break
+		}
+	}
+	checkProblem(t, busy, 503, "/addresses")
+	if busy.header.Get("Retry-After") != "1" {
+		t.Errorf("Retry-After %q, want 1", busy.header.Get("Retry-After"))
+	}
+	for _, c := range stalled {
+		c.Close()
+	}
+	stalled = nil
+	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(20 * time.Millisecond) {
+		if res = s.do(t, request{method: "GET", path: "/addresses?limit=1"}); res.status == 200 {
+			return
+		}
+	}
+	t.Errorf("once the stalled readers left: %d, want 200", res.status)
+}
+
 // TestScarceValuesAreBounded: past its limit, a scarce pool says no, so a
 // response does without rather than the process holding one per connection.
 func TestScarceValuesAreBounded(t *testing.T) {
@@ -1211,6 +1272,45 @@ func TestIdleConnectionsGiveWayAtTheLimit(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestBusyKeepAliveConnectionsAreNotCutAtTheLimit: at -max-conns, clients
+// that keep their connections busy lose no request to a newcomer: only a
+// connection idle for a second gives way.
+func TestBusyKeepAliveConnectionsAreNotCutAtTheLimit(t *testing.T) {
+	p := startRun(t, map[string]string{"ADDRSERVICE_MAX_CONNS": "3"})
+	deadline := time.Now().Add(1500 * time.Millisecond)
+	var failures atomic.Int32
+	var wg sync.WaitGroup
+	for range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+			defer client.CloseIdleConnections()
+			for time.Now().Before(deadline) {
+				res, err := client.Post("http://"+p.addr+"/addresses", "application/json", strings.NewReader(validEntry))
+				if err != nil || res.StatusCode != http.StatusCreated {
+					failures.Add(1)
+				}
+				if err == nil {
+					io.Copy(io.Discard, res.Body)
+					res.Body.Close()
+				}
+			}
+		}()
+	}
+	time.Sleep(100 * time.Millisecond)
+	newcomer := &http.Client{Timeout: 500 * time.Millisecond}
+	for time.Now().Before(deadline) {
+		if res, err := newcomer.Get("http://" + p.addr + "/healthz"); err == nil {
+			res.Body.Close()
+		}
+	}
+	wg.Wait()
+	if n := failures.Load(); n > 0 {
+		t.Errorf("%d POSTs on busy keep-alive connections failed while a newcomer waited", n)
 	}
 }
 

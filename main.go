@@ -118,7 +118,7 @@ type config struct {
 	maxBody         int64
 	maxBodyMemory   int64 // request bodies held at once, across all requests
 	maxStoreBytes   int64 // the stored entries' JSON, in all
-	maxConns        int   // connections served at once; idle ones give way to new ones
+	maxConns        int   // connections served at once; ones idle a second give way to new ones
 	storeTimeout    time.Duration
 	shutdownTimeout time.Duration
 	debugAddr       string // pprof, expvar and /metrics, on a listener of their own; "" for none
@@ -142,7 +142,7 @@ var defaultTimeouts = serverTimeouts{
 	read:       30 * time.Second,
 	write:      30 * time.Second,
 	idle:       120 * time.Second,
-	maxHeader:  64 << 10,
+	maxHeader:  16 << 10,
 }
 
 // usageError is a bad flag or variable: exit status 2.
@@ -185,10 +185,10 @@ func parseConfig(args []string, getenv func(string) string, usageOut io.Writer) 
 		})
 	}
 	bytesFlag("max-body", &cfg.maxBody, 1<<20, "largest request body, before and after gzip decoding")
-	bytesFlag("max-body-memory", &cfg.maxBodyMemory, 64<<20, "memory for request bodies being read, across all requests; past it a request gets 503")
+	bytesFlag("max-body-memory", &cfg.maxBodyMemory, 64<<20, "memory for request bodies being read and list pages being sent, across all requests; past it a request gets 503")
 	bytesFlag("max-store-bytes", &cfg.maxStoreBytes, 128<<20, "largest total of stored entries' JSON; past it creates and growing replaces get 507")
 	cfg.maxConns = 4096
-	fs.Func("max-conns", "connections served at once; more wait to be accepted (`count`, default 4096)", func(s string) error {
+	fs.Func("max-conns", "connections served at once; at the limit one idle for a second gives way, or more wait to be accepted (`count`, default 4096)", func(s string) error {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 {
 			return errors.New("must be a whole number, at least 1")
@@ -449,12 +449,13 @@ func connectionLimit(want int) int {
 // and a margin.
 const descriptorReserve = 128
 
-// limitListener accepts at most max connections at once. At the limit, the
-// connection idle the longest (kept alive, between requests) is closed to
-// make room, so clients that open connections and leave them idle cannot
-// lock new ones out; a connection with a request under way is never cut.
-// When none is idle, new connections wait in the kernel's queue, costing the
-// process nothing, and take the place of the first one to become idle.
+// limitListener accepts at most max connections at once. At the limit, a
+// connection that has been idle (kept alive between requests) for
+// minIdleToGive or more gives way, the longest idle first, so clients that
+// open connections and leave them idle cannot lock new ones out, while
+// clients that keep theirs busy are left alone. When none has been idle so
+// long, new connections wait in the kernel's queue, costing the process
+// nothing.
 type limitListener struct {
 	net.Listener
 	slots     chan struct{}
@@ -462,10 +463,12 @@ type limitListener struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 
-	mu      sync.Mutex
-	idle    map[*limitedConn]time.Time // since when each idle connection has waited
-	waiting bool                       // Accept waits for a slot: an idle connection gives way at once
+	mu   sync.Mutex
+	idle map[*limitedConn]time.Time // since when each idle connection has waited
 }
+
+// minIdleToGive is how long a connection must have been idle to give way.
+const minIdleToGive = time.Second
 
 func newLimitListener(ln net.Listener, max int) *limitListener {
 	return &limitListener{Listener: ln, slots: make(chan struct{}, max), closed: make(chan struct{}), idle: make(map[*limitedConn]time.Time)}
@@ -474,20 +477,15 @@ func newLimitListener(ln net.Listener, max int) *limitListener {
 func (l *limitListener) Accept() (net.Conn, error) {
 	select {
 	case l.slots <- struct{}{}:
-	default: // at the limit
-		l.setWaiting(true)
-		defer l.setWaiting(false)
-		// Should the one that gave way be taken up again in the moment
-		// it was asked to go, the next one does, a little later.
-		retry := time.NewTicker(250 * time.Millisecond)
-		defer retry.Stop()
-	wait:
-		for {
+	default: // at the limit: ask an idle connection to go, now and then
+		tick := time.NewTicker(minIdleToGive / 4)
+		defer tick.Stop()
+		for waiting := true; waiting; {
+			l.makeRoom()
 			select {
 			case l.slots <- struct{}{}:
-				break wait
-			case <-retry.C:
-				l.setWaiting(true)
+				waiting = false
+			case <-tick.C:
 			case <-l.closed:
 				return nil, net.ErrClosed
 			}
@@ -502,32 +500,29 @@ func (l *limitListener) Accept() (net.Conn, error) {
 	return &limitedConn{Conn: c, release: sync.OnceFunc(func() { l.open.Add(-1); <-l.slots })}, nil
 }
 
-// setWaiting records whether Accept waits for a slot; when it does, the
-// connection idle the longest gives way, which frees one.
-func (l *limitListener) setWaiting(waiting bool) {
+// makeRoom ends the connection idle the longest, if it has been idle for
+// minIdleToGive. It does so by its read deadline rather than by closing it:
+// the server, waiting for the next request, then closes it itself. Had a
+// request just arrived on it, the server has set its own deadline for it,
+// or its handler finds a body it cannot read and changes nothing: a request
+// is never cut after it has been acted on.
+func (l *limitListener) makeRoom() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.waiting = waiting
 	var oldest *limitedConn
 	for c, since := range l.idle {
 		if oldest == nil || since.Before(l.idle[oldest]) {
 			oldest = c
 		}
 	}
-	if waiting && oldest != nil {
-		// By its read deadline rather than by closing it: the server,
-		// waiting for the next request, then closes it itself. Had a
-		// request just arrived on it, the server has set its own deadline
-		// for it, or its handler finds a body it cannot read and changes
-		// nothing; a request is never cut after it has been acted on.
+	if oldest != nil && time.Since(l.idle[oldest]) >= minIdleToGive {
 		oldest.SetReadDeadline(time.Unix(1, 0))
-		l.idle[oldest] = time.Now() // the next to go is another
+		delete(l.idle, oldest)
 	}
 }
 
 // connState is the server's ConnState hook: it keeps track of which
-// connections are idle, and closes one that becomes idle while Accept
-// waits (in the hook, no request can be under way on it).
+// connections are idle, and since when.
 func (l *limitListener) connState(conn net.Conn, state http.ConnState) {
 	c, ok := conn.(*limitedConn)
 	if !ok {
@@ -535,12 +530,9 @@ func (l *limitListener) connState(conn net.Conn, state http.ConnState) {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	switch {
-	case state == http.StateIdle && l.waiting:
-		c.Close()
-	case state == http.StateIdle:
+	if state == http.StateIdle {
 		l.idle[c] = time.Now()
-	default:
+	} else {
 		delete(l.idle, c)
 	}
 }
