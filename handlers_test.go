@@ -634,60 +634,67 @@ func TestSlowReadersHoldNoCopyOfThePage(t *testing.T) {
 // sent holds is taken from the in-flight budget: readers that stall cannot
 // keep more than it, however often the store replaces what they hold.
 func TestPagesAreBoundedAndAccounted(t *testing.T) {
-	const maxBody = 8 << 20
+	const maxBody = 64 << 10
 	store := NewMapStore(0)
 	log := slog.New(slog.DiscardHandler)
 	ready := new(atomic.Bool)
 	ready.Store(true)
 	cfg := handlerConfig{maxBody: maxBody, bodies: newBodyBudget(2*maxBody + 2), ready: ready, storeReady: readiness(0, store), metrics: newHTTPMetrics()}
-	srv := httptest.NewServer(newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, cfg))
-	t.Cleanup(srv.Close)
-	s := &testServer{Server: srv, logs: &syncBuffer{}, ready: ready}
-	big := `{"full_name":"` + strings.Repeat("x", 1<<20-16) + `"}` // 1 MiB
+	h := newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, cfg)
+	entry := `{"full_name":"` + strings.Repeat("x", 16<<10-16) + `"}` // 16 KiB
 	var ids idGenerator
 	for range 20 {
-		if err := store.Insert(context.Background(), ids.next(), Record{JSON: []byte(big)}); err != nil {
+		if err := store.Insert(context.Background(), ids.next(), Record{JSON: []byte(entry)}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	res := s.do(t, request{method: "GET", path: "/addresses?limit=1000"})
-	if n := strings.Count(string(res.body), `"full_name"`); res.status != 200 || n != 8 || !strings.Contains(res.header.Get("Link"), `rel="next"`) {
-		t.Fatalf("a page of 1 MiB entries: %d, %d entries, Link %q; want 200, 8 entries (-max-body is 8 MiB) and a Link", res.status, n, res.header.Get("Link"))
+	get := func(path string) *httptest.ResponseRecorder {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest("GET", path, nil))
+		return w
 	}
-	var stalled []net.Conn
-	t.Cleanup(func() { // before the server closes, which waits for their requests
-		for _, c := range stalled {
-			c.Close()
-		}
-	})
-	for range 2 { // two stalled readers of 8 MiB pages hold the 16 MiB budget
-		c, err := net.Dial("tcp", s.Listener.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		stalled = append(stalled, c)
-		io.WriteString(c, "GET /addresses?limit=1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+	if w := get("/addresses?limit=1000"); w.Code != 200 || strings.Count(w.Body.String(), `"full_name"`) != 4 || !strings.Contains(w.Header().Get("Link"), `rel="next"`) {
+		t.Fatalf("a page of 16 KiB entries: %d, %d entries, Link %q; want 200, 4 entries (-max-body is 64 KiB) and a Link",
+			w.Code, strings.Count(w.Body.String(), `"full_name"`), w.Header().Get("Link"))
 	}
-	var busy response
-	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(20 * time.Millisecond) {
-		if busy = s.do(t, request{method: "GET", path: "/addresses?limit=1"}); busy.status == 503 {
-			break
-		}
+	// Two readers that stall while their 64 KiB pages are being written
+	// hold the whole budget; a third page finds no room.
+	release := make(chan struct{})
+	var writing, done sync.WaitGroup
+	for range 2 {
+		writing.Add(1)
+		done.Add(1)
+		go func() {
+			defer done.Done()
+			h.ServeHTTP(&stalledWriter{header: http.Header{}, writing: sync.OnceFunc(writing.Done), release: release}, httptest.NewRequest("GET", "/addresses?limit=1000", nil))
+		}()
 	}
-	checkProblem(t, busy, 503, "/addresses")
-	if busy.header.Get("Retry-After") != "1" {
-		t.Errorf("Retry-After %q, want 1", busy.header.Get("Retry-After"))
+	writing.Wait()
+	w := get("/addresses?limit=1")
+	if w.Code != 503 || w.Header().Get("Retry-After") != "1" || !strings.Contains(w.Body.String(), "as many pages") {
+		t.Errorf("a page while two stalled readers hold the budget: %d, Retry-After %q, %s; want 503 and Retry-After 1", w.Code, w.Header().Get("Retry-After"), w.Body)
 	}
-	for _, c := range stalled {
-		c.Close()
+	close(release)
+	done.Wait()
+	if w := get("/addresses?limit=1"); w.Code != 200 {
+		t.Errorf("once the stalled readers are done: %d, want 200", w.Code)
 	}
-	stalled = nil
-	for start := time.Now(); time.Since(start) < 5*time.Second; time.Sleep(20 * time.Millisecond) {
-		if res = s.do(t, request{method: "GET", path: "/addresses?limit=1"}); res.status == 200 {
-			return
-		}
-	}
-	t.Errorf("once the stalled readers left: %d, want 200", res.status)
+}
+
+// stalledWriter is a client that stops reading: its first Write says so
+// and waits until release.
+type stalledWriter struct {
+	header  http.Header
+	writing func()
+	release chan struct{}
+}
+
+func (w *stalledWriter) Header() http.Header { return w.header }
+func (w *stalledWriter) WriteHeader(int)     {}
+func (w *stalledWriter) Write(p []byte) (int, error) {
+	w.writing()
+	<-w.release
+	return len(p), nil
 }
 
 // TestScarceValuesAreBounded: past its limit, a scarce pool says no, so a
