@@ -33,7 +33,7 @@ import (
 // handlerConfig is what the HTTP layer needs beyond the service.
 type handlerConfig struct {
 	maxBody     int64                           // largest request body, before and after gzip decoding
-	bodies      *bodyBudget                     // memory for request bodies across all requests
+	bodies      *bodyBudget                     // memory for request bodies and pages in flight, across all requests
 	ready       *atomic.Bool                    // false once shutdown has begun
 	storeReady  func(ctx context.Context) error // why the store cannot take writes now, or nil
 	metrics     *httpMetrics                    // what was served; GET /metrics reports it
@@ -223,21 +223,17 @@ func listItems[T any](c *Collection[T], cfg handlerConfig) apiFunc {
 			held += len(it.JSON)
 		}
 		if !cfg.bodies.take(int64(held)) {
-			return &httpError{status: http.StatusServiceUnavailable, retryAfter: 1,
-				detail: "the server is sending as many pages as its memory allows; try again shortly"}
+			return busy("sending as many pages")
 		}
 		defer cfg.bodies.give(int64(held))
-		// The page is written as it is produced, never held whole: a
-		// client that reads slowly, or not at all, holds the stored JSON it
-		// is being sent, which the store holds anyway, and nothing more.
-		size := 2 + max(len(page.Items)-1, 0) // {}, and the commas
-		for _, it := range page.Items {
-			size += len(`"":`) + 2*len(it.ID) + len(it.JSON)
-		}
 		if page.More {
 			last := page.Items[len(page.Items)-1].ID
 			w.Header()["Link"] = []string{fmt.Sprintf(`<%s?limit=%d&after=%s>; rel="next"`, strings.TrimSuffix(r.URL.Path, "/"), limit, last)}
 		}
+		// Each entry goes out after its key, `{"<id>":` for the first and
+		// `,"<id>":` for the rest; the page is `{}` when there is none.
+		key := []byte(`{"00000000000000000000000000000000":`)
+		size := max(len(page.Items)*len(key)+1, len("{}")) + held
 		out := startBody(w, r, http.StatusOK, jsonType, size)
 		defer out.Close()
 		// Pieces are gathered into chunks before they go to the connection:
@@ -254,7 +250,6 @@ func listItems[T any](c *Collection[T], cfg handlerConfig) apiFunc {
 				chunkWriters.put(bw)
 			}()
 		}
-		key := []byte(`{"00000000000000000000000000000000":`)
 		for i, it := range page.Items {
 			if i > 0 {
 				key[0] = ','
@@ -265,15 +260,11 @@ func listItems[T any](c *Collection[T], cfg handlerConfig) apiFunc {
 			}
 			chunks.Write(it.JSON)
 		}
-		end := key[:1] // the key's bytes, reused: a literal would be allocated
 		if len(page.Items) == 0 {
-			end = key[:2]
-			end[0] = '{'
-			end[1] = '}'
-		} else {
-			end[0] = '}'
+			chunks.Write(key[:1]) // {
 		}
-		chunks.Write(end)
+		key[0] = '}' // the key's bytes, reused: a literal would be allocated
+		chunks.Write(key[:1])
 		return nil
 	}
 }
@@ -431,8 +422,7 @@ func readAll(src io.Reader, knownSize, maxBody int64, bodies *bodyBudget) ([]byt
 		if len(buf) == cap(buf) {
 			if !bodies.take(size - held) {
 				release()
-				return nil, nil, &httpError{status: http.StatusServiceUnavailable, retryAfter: 1,
-					detail: "the server is reading as many request bodies as its memory allows; try again shortly"}
+				return nil, nil, busy("reading as many request bodies")
 			}
 			held = size
 			grown := make([]byte, len(buf), size) // exactly size: what was taken
@@ -459,9 +449,17 @@ func readAll(src io.Reader, knownSize, maxBody int64, bodies *bodyBudget) ([]byt
 // firstRead is what a request body may reserve before any of it arrives.
 const firstRead = 4 << 10
 
-// bodyBudget bounds the memory request bodies hold across all requests, so
-// many slow or large uploads at once get a 503 rather than the process's
-// memory. Decoding a body costs at most about as much again, briefly.
+// busy is the 503 a request gets when the budget has no room for it.
+func busy(doing string) error {
+	return &httpError{status: http.StatusServiceUnavailable, retryAfter: 1,
+		detail: "the server is " + doing + " as its memory allows; try again shortly"}
+}
+
+// bodyBudget bounds the memory that clients make the process hold in
+// flight, across all requests: request bodies being read and list pages
+// being sent, so many slow or large uploads or stalled readers at once get
+// a 503 rather than the process's memory. Decoding a body costs at most
+// about as much again, briefly.
 type bodyBudget struct {
 	free atomic.Int64
 	size int64 // for /metrics
@@ -999,7 +997,7 @@ func newHTTPMetrics() *httpMetrics {
 // _OTHER, so a client cannot grow the label set.
 var (
 	metricMethods  = [...]string{"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "_OTHER"}
-	metricStatuses = [...]int{200, 201, 204, 301, 304, 307, 308, 400, 404, 405, 412, 413, 415, 500, 503, 507}
+	metricStatuses = [...]int{200, 201, 204, 304, 400, 404, 405, 412, 413, 415, 500, 503, 507}
 	// From tens of microseconds, a GET from memory, to the 30 s the
 	// server's write timeout allows.
 	durationBuckets = [...]time.Duration{25 * time.Microsecond, 50 * time.Microsecond, 100 * time.Microsecond,
@@ -1028,7 +1026,7 @@ type routeTable struct {
 func (t routeTable) Handle(pattern string, h http.Handler) {
 	t.mux.Handle(pattern, h)
 	_, path, _ := strings.Cut(pattern, " ")
-	t.m.routes[pattern] = &routeSeries{route: strings.TrimSuffix(path, "{$}")}
+	t.m.routes[pattern] = &routeSeries{route: path}
 }
 
 // observe counts one request; pattern is the one the mux matched, or "".
@@ -1134,8 +1132,8 @@ func serveMetrics(cfg handlerConfig) apiFunc {
 		buf := new(bytes.Buffer) // a scrape every few seconds: no pool needed
 		cfg.metrics.writeTo(buf)
 		size, free := cfg.bodies.size, cfg.bodies.free.Load()
-		writeMetric(buf, "addrservice_body_budget_used_bytes", "gauge", "Memory held by request bodies being read (-max-body-memory).", float64(size-free))
-		writeMetric(buf, "addrservice_body_budget_limit_bytes", "gauge", "Memory request bodies may hold at once (-max-body-memory).", float64(size))
+		writeMetric(buf, "addrservice_body_budget_used_bytes", "gauge", "Memory held by request bodies being read and pages being sent (-max-body-memory).", float64(size-free))
+		writeMetric(buf, "addrservice_body_budget_limit_bytes", "gauge", "Memory request bodies and pages may hold at once (-max-body-memory).", float64(size))
 		if cfg.moreMetrics != nil {
 			cfg.moreMetrics(buf)
 		}

@@ -51,12 +51,21 @@ func newTestServer(t *testing.T) *testServer {
 // newTestServerOn is newTestServer with the given store.
 func newTestServerOn(t *testing.T, store Store) *testServer {
 	t.Helper()
+	return newTestServerWith(t, store, time.Second, func(*handlerConfig) {})
+}
+
+// newTestServerWith is newTestServerOn with a store timeout of the test's
+// own, and the handlers' configuration (testConfig) changed by change.
+func newTestServerWith(t *testing.T, store Store, storeTimeout time.Duration, change func(*handlerConfig)) *testServer {
+	t.Helper()
 	logs := &syncBuffer{}
 	log := newLogger(logs, "json", slog.LevelDebug)
 	ready := new(atomic.Bool)
 	ready.Store(true)
-	svc := NewCollection[Entry](store, log, time.Second)
-	srv := httptest.NewServer(newHandler(log, resources{book: svc}, testConfig(store, ready)))
+	cfg := testConfig(store, ready)
+	change(&cfg)
+	svc := NewCollection[Entry](store, log, storeTimeout)
+	srv := httptest.NewServer(newHandler(log, resources{book: svc}, cfg))
 	t.Cleanup(srv.Close)
 	return &testServer{Server: srv, logs: logs, ready: ready}
 }
@@ -636,11 +645,9 @@ func TestSlowReadersHoldNoCopyOfThePage(t *testing.T) {
 func TestPagesAreBoundedAndAccounted(t *testing.T) {
 	const maxBody = 64 << 10
 	store := NewMapStore(0)
-	log := slog.New(slog.DiscardHandler)
-	ready := new(atomic.Bool)
-	ready.Store(true)
-	cfg := handlerConfig{maxBody: maxBody, bodies: newBodyBudget(2*maxBody + 2), ready: ready, storeReady: readiness(0, store), metrics: newHTTPMetrics()}
-	h := newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, cfg)
+	h := newTestServerWith(t, store, time.Second, func(cfg *handlerConfig) {
+		cfg.maxBody, cfg.bodies = maxBody, newBodyBudget(2*maxBody+2)
+	}).Config.Handler
 	entry := `{"full_name":"` + strings.Repeat("x", 16<<10-16) + `"}` // 16 KiB
 	var ids idGenerator
 	for range 20 {
@@ -892,15 +899,7 @@ func (s stuckStore) Ready(ctx context.Context) error { return s.wait(ctx) }
 // within about a second.
 func TestAStoreThatDoesNotAnswerIs503InTime(t *testing.T) {
 	store := stuckStore{NewMapStore(0)}
-	logs := &syncBuffer{}
-	log := newLogger(logs, "json", slog.LevelDebug)
-	ready := new(atomic.Bool)
-	ready.Store(true)
-	cfg := testConfig(store, ready)
-	cfg.storeReady = readiness(time.Second, store)
-	srv := httptest.NewServer(newHandler(log, resources{book: NewCollection[Entry](store, log, 100*time.Millisecond)}, cfg))
-	t.Cleanup(srv.Close)
-	s := &testServer{Server: srv, logs: logs, ready: ready}
+	s := newTestServerWith(t, store, 100*time.Millisecond, func(cfg *handlerConfig) { cfg.storeReady = readiness(time.Second, store) })
 	const id = "/addresses/0123456789abcdef0123456789abcdef"
 	for _, req := range []request{
 		{method: "POST", path: "/addresses", body: validEntry},
@@ -1037,23 +1036,15 @@ func TestContentLengthOverMaxBodyIs413AtOnce(t *testing.T) {
 	}
 }
 
-// TestBodyMemoryBudget: while slow uploads hold the whole budget, a further
-// upload gets 503 with Retry-After at once, and healthz still answers; when
-// the slow ones finish, uploads work again.
 // TestHeadersAloneReserveLittleOfTheBodyBudget: the budget counts bytes
 // that arrived, not bytes a Content-Length promised nor what a little gzip
 // would expand to, so connections that send headers and no body, or a
 // stalled gzip stream, cannot lock out small requests.
 func TestHeadersAloneReserveLittleOfTheBodyBudget(t *testing.T) {
 	const maxBody = 64 << 10
-	store := NewMapStore(0)
-	log := slog.New(slog.DiscardHandler)
-	ready := new(atomic.Bool)
-	ready.Store(true)
-	cfg := handlerConfig{maxBody: maxBody, bodies: newBodyBudget(4 * (maxBody + 1)), ready: ready, storeReady: readiness(0, store), metrics: newHTTPMetrics()}
-	srv := httptest.NewServer(newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, cfg))
-	t.Cleanup(srv.Close)
-	s := &testServer{Server: srv, logs: &syncBuffer{}, ready: ready}
+	s := newTestServerWith(t, NewMapStore(0), time.Second, func(cfg *handlerConfig) {
+		cfg.maxBody, cfg.bodies = maxBody, newBodyBudget(4*(maxBody+1))
+	})
 	head := fmt.Sprintf("POST /addresses HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", maxBody)
 	// Sixteen promises of the largest body: as reservations, four times the budget.
 	for range 16 {
@@ -1076,6 +1067,9 @@ func TestHeadersAloneReserveLittleOfTheBodyBudget(t *testing.T) {
 	}
 }
 
+// TestBodyMemoryBudget: while slow uploads hold the whole budget, a further
+// upload gets 503 with Retry-After at once, and healthz still answers; when
+// the slow ones finish, uploads work again.
 func TestBodyMemoryBudget(t *testing.T) {
 	s := newTestServer(t) // budget: four bodies of testMaxBody
 	entry := `{"full_name":"Slow Upload"}`
@@ -1114,11 +1108,7 @@ func TestBodyMemoryBudget(t *testing.T) {
 // TestResponseHeaderKeysAreCanonical: every header the service sets is
 // under its canonical key, so Get and Set work on it in any middleware.
 func TestResponseHeaderKeysAreCanonical(t *testing.T) {
-	store := NewMapStore(0)
-	ready := new(atomic.Bool)
-	ready.Store(true)
-	log := slog.New(slog.DiscardHandler)
-	h := newHandler(log, resources{book: NewCollection[Entry](store, log, time.Second)}, testConfig(store, ready))
+	h := newTestServer(t).Config.Handler
 	for _, req := range []*http.Request{
 		httptest.NewRequest("POST", "/addresses", strings.NewReader(validEntry)),
 		httptest.NewRequest("GET", "/addresses?limit=1", nil),

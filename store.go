@@ -79,8 +79,8 @@ type Store interface {
 // is optional, outside Store: a store that can tell when it cannot take
 // writes (MapStore on a directory, a database that does not answer) says so
 // with Ready(ctx) error, and /readyz reports it. Each check gets at most
-// readyTimeout, and its answer is reused for reuse: a flood of probes costs
-// the store one check per interval, not one each.
+// readyTimeout, and its answer stands for the next reuse: a flood of probes
+// costs the store one check per interval, not one each.
 func readiness(reuse time.Duration, stores ...Store) func(context.Context) error {
 	var mu sync.Mutex // held across a check, so probes at once share it
 	var last error
